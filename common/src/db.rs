@@ -1,0 +1,210 @@
+//! The PostgreSQL pool: built once per Lambda instance, lazy (init never waits on the
+//! database), small (one instance serves one request at a time), and quick to give up so a dead
+//! database answers 503 in well under two seconds instead of hanging.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
+
+use crate::config::{DatabaseConfig, DatabaseTarget, IamDatabase, SslMode};
+use crate::error::ApiError;
+
+/// The schema, embedded so the `migrate` function can apply it inside AWS.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
+
+/// RDS IAM tokens live 15 minutes; new connections get a fresh one well before that.
+const IAM_TOKEN_REFRESH: Duration = Duration::from_secs(10 * 60);
+
+pub struct Database {
+    pool: PgPool,
+    iam: Option<IamTokens>,
+}
+
+struct IamTokens {
+    generator: aws_sdk_rds::auth_token::AuthTokenGenerator,
+    sdk_config: aws_config::SdkConfig,
+    base_options: PgConnectOptions,
+    refreshed_at: Mutex<Instant>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("database configuration: {0}")]
+pub struct DatabaseInitError(String);
+
+impl Database {
+    /// Builds the pool without connecting. In IAM mode this signs the first token (offline).
+    pub async fn connect(config: &DatabaseConfig) -> Result<Self, DatabaseInitError> {
+        let pool_options = PgPoolOptions::new()
+            .max_connections(config.max_connections)
+            .min_connections(0)
+            .acquire_timeout(config.acquire_timeout)
+            // A warm Lambda may sleep for minutes; drop idle connections before RDS or a NAT does.
+            .idle_timeout(Some(Duration::from_secs(300)))
+            .max_lifetime(Some(Duration::from_secs(30 * 60)))
+            // Saves a round trip per request; a connection that died is discarded on its first
+            // error, and the next request opens a new one.
+            .test_before_acquire(false);
+        match &config.target {
+            DatabaseTarget::Url(url) => {
+                let options: PgConnectOptions = url.expose().parse().map_err(|_| {
+                    DatabaseInitError("DATABASE_URL is not a valid PostgreSQL URL".into())
+                })?;
+                let options = options
+                    .statement_cache_capacity(config.statement_cache_capacity)
+                    .application_name("secure-messenger");
+                Ok(Self {
+                    pool: pool_options.connect_lazy_with(options),
+                    iam: None,
+                })
+            }
+            DatabaseTarget::Iam(iam) => {
+                let base_options = iam_base_options(iam, config.statement_cache_capacity);
+                let sdk_config =
+                    aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+                let signer_config = aws_sdk_rds::auth_token::Config::builder()
+                    .hostname(&iam.host)
+                    .port(u64::from(iam.port))
+                    .username(&iam.user)
+                    .build()
+                    .map_err(|e| DatabaseInitError(e.to_string()))?;
+                let tokens = IamTokens {
+                    generator: aws_sdk_rds::auth_token::AuthTokenGenerator::new(signer_config),
+                    sdk_config,
+                    base_options,
+                    refreshed_at: Mutex::new(Instant::now()),
+                };
+                let first = tokens
+                    .options_with_fresh_token()
+                    .await
+                    .map_err(|e| DatabaseInitError(format!("signing an RDS IAM token: {e}")))?;
+                Ok(Self {
+                    pool: pool_options.connect_lazy_with(first),
+                    iam: Some(tokens),
+                })
+            }
+        }
+    }
+
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self { pool, iam: None }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Called once per invocation: cheap unless the IAM token is due. A Lambda instance is frozen
+    /// between invocations, so a background timer could not be trusted to have run.
+    pub async fn refresh_credentials(&self) -> Result<(), ApiError> {
+        let Some(iam) = &self.iam else {
+            return Ok(());
+        };
+        let due = iam
+            .refreshed_at
+            .lock()
+            .map(|at| at.elapsed() >= IAM_TOKEN_REFRESH)
+            .unwrap_or(true);
+        if due {
+            let options = iam
+                .options_with_fresh_token()
+                .await
+                .map_err(|e| ApiError::Unavailable(format!("signing an RDS IAM token: {e}")))?;
+            self.pool.set_connect_options(options);
+        }
+        Ok(())
+    }
+}
+
+impl IamTokens {
+    async fn options_with_fresh_token(&self) -> Result<PgConnectOptions, String> {
+        let token = self
+            .generator
+            .auth_token(&self.sdk_config)
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Ok(mut at) = self.refreshed_at.lock() {
+            *at = Instant::now();
+        }
+        Ok(self.base_options.clone().password(token.as_str()))
+    }
+}
+
+fn iam_base_options(iam: &IamDatabase, statement_cache_capacity: usize) -> PgConnectOptions {
+    let options = PgConnectOptions::new_without_pgpass()
+        .host(&iam.host)
+        .port(iam.port)
+        .database(&iam.name)
+        .username(&iam.user)
+        .statement_cache_capacity(statement_cache_capacity)
+        .application_name("secure-messenger")
+        .ssl_mode(match iam.ssl_mode {
+            SslMode::Require => PgSslMode::Require,
+            SslMode::VerifyFull => PgSslMode::VerifyFull,
+        });
+    match &iam.ssl_root_cert {
+        Some(path) => options.ssl_root_cert(path),
+        None => options,
+    }
+}
+
+/// Whether an error means "the database cannot be reached" (503) rather than a bug (500).
+pub fn is_unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => true,
+        // 08: connection exception, 53: insufficient resources, 57P: operator intervention
+        // (shutdown, crash recovery), 28: authentication (an expired or refused IAM token).
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("57P")
+                || code.starts_with("28")
+        }),
+        _ => false,
+    }
+}
+
+/// A short reason for logs and the readiness body: the kind of failure, never a URL or password.
+pub fn short_reason(error: &sqlx::Error) -> String {
+    match error {
+        sqlx::Error::PoolTimedOut => "timed out connecting".into(),
+        sqlx::Error::PoolClosed => "pool closed".into(),
+        sqlx::Error::Io(e) => match e.kind() {
+            std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted => {
+                "connection reset".into()
+            }
+            std::io::ErrorKind::TimedOut => "timed out".into(),
+            std::io::ErrorKind::UnexpectedEof => "connection closed".into(),
+            _ => "network error".into(),
+        },
+        sqlx::Error::Tls(_) => "tls error".into(),
+        sqlx::Error::Database(db) => match db.code() {
+            Some(code) if code.starts_with("28") => "authentication failed".into(),
+            Some(code) => format!("server error {code}"),
+            None => "server error".into(),
+        },
+        _ => "database error".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_failures_are_unavailable_not_internal() {
+        let refused = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(is_unavailable(&refused));
+        assert_eq!(short_reason(&refused), "connection refused");
+        assert!(is_unavailable(&sqlx::Error::PoolTimedOut));
+        assert!(!is_unavailable(&sqlx::Error::RowNotFound));
+    }
+}

@@ -1,0 +1,397 @@
+//! Validated domain values. Each `parse` is the only way in, and its errors are the contract's
+//! answers (422 for a broken rule, 413 for too much data, 400 for a malformed query or path value).
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use spki::{DecodePublicKey, ObjectIdentifier, SubjectPublicKeyInfoRef};
+use uuid::Uuid;
+
+use crate::error::ApiError;
+use crate::secret::Secret;
+
+/// A user name: 3 to 32 of `A-Z a-z 0-9 _ . -`, unique without regard to case.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserName(String);
+
+impl UserName {
+    pub fn parse(raw: &str) -> Result<Self, ApiError> {
+        let len = raw.chars().count();
+        if !(3..=32).contains(&len) {
+            return Err(ApiError::validation(
+                "name",
+                "name must be 3 to 32 characters",
+            ));
+        }
+        if !raw
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        {
+            return Err(ApiError::validation(
+                "name",
+                "name may only contain A-Z, a-z, 0-9, '_', '.' and '-'",
+            ));
+        }
+        Ok(Self(raw.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A password of 8 to 72 bytes. bcrypt reads at most 72 bytes, so longer is refused rather
+/// than silently truncated; a NUL byte would end the password early in other bcrypt
+/// implementations, so it is refused too.
+pub struct Password(Secret<String>);
+
+impl Password {
+    pub fn parse(raw: &str) -> Result<Self, ApiError> {
+        if raw.len() < 8 {
+            return Err(ApiError::validation(
+                "password",
+                "password must be at least 8 bytes",
+            ));
+        }
+        if raw.len() > 72 {
+            return Err(ApiError::validation(
+                "password",
+                "password must be at most 72 bytes in UTF-8 (bcrypt's limit)",
+            ));
+        }
+        if raw.contains('\0') {
+            return Err(ApiError::validation(
+                "password",
+                "password must not contain NUL",
+            ));
+        }
+        Ok(Self(Secret::new(raw.to_string())))
+    }
+
+    pub fn expose(&self) -> &str {
+        self.0.expose()
+    }
+}
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Password([REDACTED])")
+    }
+}
+
+/// Largest PEM text accepted for a public key.
+pub const MAX_PUBLIC_KEY_PEM_BYTES: usize = 8 * 1024;
+
+const OID_RSA: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
+const OID_EC: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.2.1");
+const OID_P256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.3.1.7");
+const OID_P384: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.132.0.34");
+const OID_ED25519: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.101.112");
+const OID_X25519: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.101.110");
+
+/// The kinds of public key the directory holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    Rsa { bits: usize },
+    P256,
+    P384,
+    Ed25519,
+    X25519,
+}
+
+/// One PEM `PUBLIC KEY` block (SubjectPublicKeyInfo) that really parses as an accepted key.
+/// Stored in canonical form: the DER re-encoded as PEM with LF line endings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicKeyPem {
+    pem: String,
+    kind: KeyKind,
+}
+
+impl PublicKeyPem {
+    pub fn parse(raw: &str) -> Result<Self, ApiError> {
+        let reject = |msg: &str| ApiError::validation("public_key", msg.to_string());
+        if raw.len() > MAX_PUBLIC_KEY_PEM_BYTES {
+            return Err(reject("public_key must be at most 8 KiB"));
+        }
+        let text = raw.trim();
+        if text.matches("-----BEGIN").count() != 1 {
+            return Err(reject("public_key must be exactly one PEM block"));
+        }
+        let (label, der) = pem_rfc7468::decode_vec(text.as_bytes())
+            .map_err(|_| reject("public_key is not valid PEM"))?;
+        if label != "PUBLIC KEY" {
+            return Err(reject(
+                "public_key must be a '-----BEGIN PUBLIC KEY-----' block (SubjectPublicKeyInfo)",
+            ));
+        }
+        let kind = key_kind(&der).ok_or_else(|| {
+            reject("public_key must be RSA (2048 to 8192 bits), EC P-256/P-384, Ed25519 or X25519")
+        })?;
+        let pem = pem_rfc7468::encode_string("PUBLIC KEY", pem_rfc7468::LineEnding::LF, &der)
+            .map_err(ApiError::internal)?;
+        Ok(Self { pem, kind })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.pem
+    }
+
+    pub fn kind(&self) -> KeyKind {
+        self.kind
+    }
+}
+
+fn key_kind(der: &[u8]) -> Option<KeyKind> {
+    let spki = SubjectPublicKeyInfoRef::try_from(der).ok()?;
+    let algorithm = spki.algorithm.oid;
+    if algorithm == OID_RSA {
+        use rsa::traits::PublicKeyParts;
+        let key = rsa::PublicKey::from_public_key_der(der).ok()?;
+        let bits = key.n().bit_width_vartime() as usize;
+        return (bits >= 2048).then_some(KeyKind::Rsa { bits });
+    }
+    if algorithm == OID_EC {
+        let curve: ObjectIdentifier = spki.algorithm.parameters_oid().ok()?;
+        return if curve == OID_P256 {
+            p256::PublicKey::from_public_key_der(der)
+                .ok()
+                .map(|_| KeyKind::P256)
+        } else if curve == OID_P384 {
+            p384::PublicKey::from_public_key_der(der)
+                .ok()
+                .map(|_| KeyKind::P384)
+        } else {
+            None
+        };
+    }
+    if algorithm == OID_ED25519 {
+        return ed25519_dalek::VerifyingKey::from_public_key_der(der)
+            .ok()
+            .map(|_| KeyKind::Ed25519);
+    }
+    if algorithm == OID_X25519 {
+        // Every 32-byte string is a valid X25519 public key (RFC 7748); the parameters are absent.
+        let raw = spki.subject_public_key.as_bytes()?;
+        return (spki.algorithm.parameters.is_none() && raw.len() == 32).then_some(KeyKind::X25519);
+    }
+    None
+}
+
+/// Ciphertext: standard base64 with padding that decodes to 1..=`max` bytes.
+pub struct Ciphertext(Vec<u8>);
+
+impl Ciphertext {
+    pub fn parse(encoded: &str, max_bytes: usize) -> Result<Self, ApiError> {
+        // Refuse an oversized value before decoding it: base64 of `max` bytes is at most this long.
+        if encoded.len() > max_bytes.div_ceil(3) * 4 {
+            return Err(Self::too_large(max_bytes));
+        }
+        let bytes = BASE64.decode(encoded).map_err(|_| {
+            ApiError::validation(
+                "encrypted_data",
+                "encrypted_data must be standard base64 with padding",
+            )
+        })?;
+        if bytes.is_empty() {
+            return Err(ApiError::validation(
+                "encrypted_data",
+                "encrypted_data must not be empty",
+            ));
+        }
+        if bytes.len() > max_bytes {
+            return Err(Self::too_large(max_bytes));
+        }
+        Ok(Self(bytes))
+    }
+
+    fn too_large(max_bytes: usize) -> ApiError {
+        ApiError::PayloadTooLarge {
+            message: format!("encrypted_data must decode to at most {max_bytes} bytes"),
+            field: Some("encrypted_data"),
+        }
+    }
+
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.0
+    }
+}
+
+pub fn encode_ciphertext(bytes: &[u8]) -> String {
+    BASE64.encode(bytes)
+}
+
+/// `limit` for message paging: 1..=500, default 100. Not a number is 400; out of range is 422.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageLimit(u16);
+
+impl PageLimit {
+    pub const DEFAULT: u16 = 100;
+    pub const MAX: u16 = 500;
+
+    pub fn parse(raw: Option<&str>) -> Result<Self, ApiError> {
+        let Some(raw) = raw else {
+            return Ok(Self(Self::DEFAULT));
+        };
+        let value: i64 = raw
+            .parse()
+            .map_err(|_| ApiError::bad_field("limit", "limit must be a whole number"))?;
+        if !(1..=i64::from(Self::MAX)).contains(&value) {
+            return Err(ApiError::validation(
+                "limit",
+                "limit must be between 1 and 500",
+            ));
+        }
+        Ok(Self(value as u16))
+    }
+
+    pub fn get(self) -> u16 {
+        self.0
+    }
+}
+
+/// An id from a path or query value: a malformed one is 400.
+pub fn parse_id(raw: &str, field: &'static str) -> Result<Uuid, ApiError> {
+    Uuid::try_parse(raw).map_err(|_| ApiError::bad_field(field, format!("{field} must be a UUID")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(r: Result<impl Sized, ApiError>) -> u16 {
+        r.err().map_or(200, |e| e.status().as_u16())
+    }
+
+    #[test]
+    fn names() {
+        for ok in ["abc", "Alice", "a_b.c-d", &"x".repeat(32)] {
+            assert_eq!(UserName::parse(ok).unwrap().as_str(), ok);
+        }
+        for bad in [
+            "ab",
+            "",
+            &"x".repeat(33),
+            "al ice",
+            "alice!",
+            "äbc",
+            "ab\0c",
+            "名前です",
+        ] {
+            assert_eq!(status(UserName::parse(bad)), 422, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn passwords_count_bytes_not_characters() {
+        assert!(Password::parse("12345678").is_ok());
+        assert!(Password::parse(&"p".repeat(72)).is_ok());
+        assert_eq!(status(Password::parse("1234567")), 422);
+        assert_eq!(status(Password::parse(&"p".repeat(73))), 422);
+        // 36 two-byte characters = 72 bytes is fine; 37 = 74 bytes is refused.
+        assert!(Password::parse(&"é".repeat(36)).is_ok());
+        assert_eq!(status(Password::parse(&"é".repeat(37))), 422);
+        assert_eq!(status(Password::parse("abcd\0efgh")), 422);
+        assert!(!format!("{:?}", Password::parse("sekret-pass").unwrap()).contains("sekret"));
+    }
+
+    #[test]
+    fn ciphertext_bounds() {
+        assert_eq!(Ciphertext::parse("aGk=", 10).unwrap().into_bytes(), b"hi");
+        assert_eq!(status(Ciphertext::parse("", 10)), 422);
+        assert_eq!(status(Ciphertext::parse("not base64!", 100)), 422);
+        assert_eq!(
+            status(Ciphertext::parse("aGk", 10)),
+            422,
+            "padding is required"
+        );
+        assert_eq!(
+            status(Ciphertext::parse(&BASE64.encode([0u8; 11]), 10)),
+            413
+        );
+        assert!(Ciphertext::parse(&BASE64.encode([0u8; 10]), 10).is_ok());
+        // Far too long: refused by length, before any decoding.
+        assert_eq!(status(Ciphertext::parse(&"A".repeat(1_000_000), 10)), 413);
+    }
+
+    #[test]
+    fn page_limits() {
+        assert_eq!(PageLimit::parse(None).unwrap().get(), 100);
+        assert_eq!(PageLimit::parse(Some("1")).unwrap().get(), 1);
+        assert_eq!(PageLimit::parse(Some("500")).unwrap().get(), 500);
+        assert_eq!(status(PageLimit::parse(Some("0"))), 422);
+        assert_eq!(status(PageLimit::parse(Some("501"))), 422);
+        assert_eq!(status(PageLimit::parse(Some("-5"))), 422);
+        assert_eq!(status(PageLimit::parse(Some("ten"))), 400);
+        assert_eq!(status(PageLimit::parse(Some(""))), 400);
+    }
+
+    #[test]
+    fn ids() {
+        assert!(parse_id("0190a3c2-7b5e-7c3e-8f00-123456789abc", "id").is_ok());
+        assert_eq!(status(parse_id("nope", "id")), 400);
+    }
+
+    fn key(name: &str) -> String {
+        std::fs::read_to_string(format!(
+            "{}/../testdata/keys/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn accepted_public_keys() {
+        let cases = [
+            ("rsa2048.pem", KeyKind::Rsa { bits: 2048 }),
+            ("rsa3072.pem", KeyKind::Rsa { bits: 3072 }),
+            ("p256.pem", KeyKind::P256),
+            ("p384.pem", KeyKind::P384),
+            ("ed25519.pem", KeyKind::Ed25519),
+            ("x25519.pem", KeyKind::X25519),
+        ];
+        for (file, kind) in cases {
+            let pem = PublicKeyPem::parse(&key(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+            assert_eq!(pem.kind(), kind, "{file}");
+            assert_eq!(pem.as_str(), key(file), "{file} is already canonical");
+        }
+        // CRLF line endings and surrounding whitespace are accepted and normalised.
+        let crlf = format!("\n  {}  \n", key("p256.pem").replace('\n', "\r\n"));
+        assert_eq!(
+            PublicKeyPem::parse(&crlf).unwrap().as_str(),
+            key("p256.pem")
+        );
+    }
+
+    #[test]
+    fn refused_public_keys() {
+        let two = format!("{}{}", key("p256.pem"), key("ed25519.pem"));
+        let mut bad_point = pem_rfc7468::decode_vec(key("p256.pem").as_bytes())
+            .unwrap()
+            .1;
+        *bad_point.last_mut().unwrap() ^= 0x01;
+        let off_curve =
+            pem_rfc7468::encode_string("PUBLIC KEY", pem_rfc7468::LineEnding::LF, &bad_point)
+                .unwrap();
+        let cases = [
+            key("rsa1024.pem"),
+            key("secp256k1.pem"),
+            key("ed448.pem"),
+            key("ed25519-private.pem"),
+            key("rsa2048-pkcs1.pem"),
+            two,
+            off_curve,
+            key("p256.pem").replace("MFkw", "MFkx"),
+            "-----BEGIN PUBLIC KEY-----\n-----END PUBLIC KEY-----\n".into(),
+            "not a key".into(),
+            String::new(),
+            format!(
+                "{}\n{}",
+                key("rsa2048.pem"),
+                "x".repeat(MAX_PUBLIC_KEY_PEM_BYTES)
+            ),
+        ];
+        for (i, pem) in cases.iter().enumerate() {
+            let err = PublicKeyPem::parse(pem).expect_err(&format!("case {i} must be refused"));
+            assert_eq!(err.status().as_u16(), 422, "case {i}");
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! Request and response helpers shared by every HTTP function.
+
+use lambda_http::http::{HeaderValue, StatusCode, header};
+use lambda_http::request::RequestContext;
+use lambda_http::{Body, Request, RequestExt, Response};
+use serde::Serialize;
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::error::ApiError;
+use crate::jwt::JwtKeys;
+
+pub fn json_response<T: Serialize + ?Sized>(status: StatusCode, body: &T) -> Response<Body> {
+    let text = serde_json::to_string(body)
+        .unwrap_or_else(|_| r#"{"error":"internal","message":"internal error"}"#.into());
+    let mut response = Response::new(Body::Text(text));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+pub fn no_content() -> Response<Body> {
+    let mut response = Response::new(Body::Empty);
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    response
+}
+
+/// The top-level fields of a JSON object body. Unknown fields are ignored (clients may be newer
+/// than the server); duplicate keys are refused, since two parsers could read them differently.
+#[derive(Debug)]
+pub struct JsonObject(Map<String, Value>);
+
+impl JsonObject {
+    /// A required string field: absent or null is 422, another JSON type is 400.
+    pub fn required_str(&self, field: &'static str) -> Result<&str, ApiError> {
+        match self.0.get(field) {
+            None | Some(Value::Null) => {
+                Err(ApiError::validation(field, format!("{field} is required")))
+            }
+            Some(Value::String(s)) => Ok(s),
+            Some(_) => Err(ApiError::bad_field(
+                field,
+                format!("{field} must be a string"),
+            )),
+        }
+    }
+}
+
+/// Parses the body as a JSON object. Not JSON, not an object, or a non-JSON content type is 400;
+/// a body over `max_bytes` is 413 and is not parsed.
+pub fn json_body(request: &Request, max_bytes: usize) -> Result<JsonObject, ApiError> {
+    if let Some(content_type) = request.headers().get(header::CONTENT_TYPE) {
+        let essence = content_type
+            .to_str()
+            .unwrap_or_default()
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        if essence != "application/json" && !essence.ends_with("+json") {
+            return Err(ApiError::bad_request(
+                "Content-Type must be application/json",
+            ));
+        }
+    }
+    let bytes: &[u8] = request.body().as_ref();
+    if bytes.len() > max_bytes {
+        return Err(ApiError::PayloadTooLarge {
+            message: format!("request body must be at most {max_bytes} bytes"),
+            field: None,
+        });
+    }
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request("request body must be a JSON object"));
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let object = de
+        .deserialize_any(ObjectVisitor)
+        .and_then(|object| de.end().map(|()| object))
+        .map_err(|e| {
+            if e.is_data() && e.to_string().starts_with("duplicate field") {
+                ApiError::bad_request(e.to_string())
+            } else if e.is_data() {
+                ApiError::bad_request("request body must be a JSON object")
+            } else {
+                ApiError::bad_request("request body is not valid JSON")
+            }
+        })?;
+    Ok(JsonObject(object))
+}
+
+struct ObjectVisitor;
+
+impl<'de> Visitor<'de> for ObjectVisitor {
+    type Value = Map<String, Value>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
+        let mut map = Map::new();
+        while let Some(key) = access.next_key::<String>()? {
+            if map.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!("duplicate field `{key}`")));
+            }
+            let value: Value = access.next_value()?;
+            map.insert(key, value);
+        }
+        Ok(map)
+    }
+}
+
+/// The caller's user id from `Authorization: Bearer <jwt>`; anything else is 401.
+pub fn authenticate(request: &Request, jwt: &JwtKeys) -> Result<Uuid, ApiError> {
+    let value = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(ApiError::Unauthorized)?;
+    let token = bearer_token(value).ok_or(ApiError::Unauthorized)?;
+    Ok(jwt.verify(token)?.sub)
+}
+
+/// Requires `Authorization: Bearer <expected>` for a static token (e.g. `METRICS_TOKEN`),
+/// compared in constant time.
+pub fn authenticate_static(
+    request: &Request,
+    expected: &crate::secret::Secret<String>,
+) -> Result<(), ApiError> {
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer_token)
+        .ok_or(ApiError::Unauthorized)?;
+    let expected = expected.expose().as_bytes();
+    let given = given.as_bytes();
+    let differs = given.len() != expected.len()
+        || given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            != 0;
+    if differs {
+        Err(ApiError::Unauthorized)
+    } else {
+        Ok(())
+    }
+}
+
+/// The token of a `Bearer` authorization value (scheme case-insensitive, per RFC 6750).
+pub fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// The client address as API Gateway saw it. Never taken from `X-Forwarded-For`, which the
+/// client controls.
+pub fn client_address(request: &Request) -> String {
+    let ip = match request.request_context_ref() {
+        Some(RequestContext::ApiGatewayV2(ctx)) => ctx.http.source_ip.clone(),
+        Some(RequestContext::ApiGatewayV1(ctx)) => ctx.identity.source_ip.clone(),
+        _ => None,
+    };
+    ip.filter(|ip| !ip.is_empty())
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+pub fn path_param(request: &Request, name: &str) -> Option<String> {
+    request
+        .path_parameters_ref()
+        .and_then(|params| params.first(name))
+        .map(str::to_owned)
+}
+
+pub fn query_param(request: &Request, name: &str) -> Option<String> {
+    request
+        .query_string_parameters_ref()
+        .and_then(|params| params.first(name))
+        .map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(body: &str, content_type: Option<&str>) -> Request {
+        let mut builder = lambda_http::http::Request::builder()
+            .method("POST")
+            .uri("/x");
+        if let Some(ct) = content_type {
+            builder = builder.header("content-type", ct);
+        }
+        builder.body(Body::Text(body.to_string())).unwrap()
+    }
+
+    fn status(r: Result<JsonObject, ApiError>) -> u16 {
+        r.err().map_or(200, |e| e.status().as_u16())
+    }
+
+    #[test]
+    fn bodies() {
+        let ok = json_body(
+            &request(r#"{"name":"x","extra":1}"#, Some("application/json")),
+            1000,
+        )
+        .unwrap();
+        assert_eq!(ok.required_str("name").unwrap(), "x");
+        assert_eq!(
+            ok.required_str("missing").unwrap_err().status().as_u16(),
+            422
+        );
+        assert_eq!(ok.required_str("extra").unwrap_err().status().as_u16(), 400);
+        let null = json_body(&request(r#"{"name":null}"#, None), 1000).unwrap();
+        assert_eq!(
+            null.required_str("name").unwrap_err().status().as_u16(),
+            422
+        );
+        assert!(
+            json_body(
+                &request("{}", Some("application/json; charset=utf-8")),
+                1000
+            )
+            .is_ok()
+        );
+        assert!(json_body(&request("{}", Some("application/vnd.api+json")), 1000).is_ok());
+        for bad in [
+            "",
+            "  ",
+            "nope",
+            "[1,2]",
+            "\"s\"",
+            "42",
+            "null",
+            "{\"a\":1",
+            "{} {}",
+            "{\"a\":1,\"a\":2}",
+        ] {
+            assert_eq!(status(json_body(&request(bad, None), 1000)), 400, "{bad:?}");
+        }
+        assert_eq!(
+            status(json_body(&request("{}", Some("text/plain")), 1000)),
+            400
+        );
+        let deep = format!("{{\"a\":{}{}}}", "[".repeat(10_000), "]".repeat(10_000));
+        assert_eq!(status(json_body(&request(&deep, None), 100_000)), 400);
+        assert_eq!(
+            status(json_body(
+                &request(&format!("{{\"a\":\"{}\"}}", "x".repeat(2000)), None),
+                1000
+            )),
+            413
+        );
+    }
+
+    #[test]
+    fn bearer_values() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer  abc "), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+        assert_eq!(bearer_token("Bearer"), None);
+    }
+}

@@ -1,0 +1,112 @@
+//! The shell around every HTTP handler: state built once per instance, then per request the IAM
+//! token check, the handler, error mapping, CORS, and one JSON log line.
+
+use std::future::Future;
+use std::time::Instant;
+
+use lambda_http::http::{HeaderValue, header};
+use lambda_http::request::RequestContext;
+use lambda_http::{Body, Request, RequestExt, Response, service_fn};
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+pub type HandlerResult = Result<Response<Body>, ApiError>;
+
+/// Builds the state (failing init with a clear message when config is wrong) and serves.
+pub async fn run_http<F, Fut>(function: &'static str, handler: F) -> Result<(), lambda_http::Error>
+where
+    F: Fn(&'static AppState, Request) -> Fut + Sync,
+    Fut: Future<Output = HandlerResult> + Send,
+{
+    let state = init(function).await?;
+    let handler = &handler;
+    lambda_http::run(service_fn(move |request| async move {
+        Ok::<_, std::convert::Infallible>(respond(function, state, request, handler).await)
+    }))
+    .await
+}
+
+/// Logging and state for any function (HTTP or not). The state lives as long as the instance.
+pub async fn init(function: &'static str) -> Result<&'static AppState, lambda_http::Error> {
+    crate::telemetry::init();
+    match AppState::from_env().await {
+        Ok(state) => Ok(Box::leak(Box::new(state))),
+        Err(error) => {
+            tracing::error!(function, error = %error, "start-up failed");
+            Err(error.into())
+        }
+    }
+}
+
+/// One request through `handler`, as in production; tests call this too.
+pub async fn respond<F, Fut>(
+    function: &'static str,
+    state: &'static AppState,
+    request: Request,
+    handler: F,
+) -> Response<Body>
+where
+    F: FnOnce(&'static AppState, Request) -> Fut,
+    Fut: Future<Output = HandlerResult>,
+{
+    let started = Instant::now();
+    let method = request.method().to_string();
+    let route = route_of(&request);
+    let request_id = request.lambda_context_ref().map(|c| c.request_id.clone());
+    let origin = request.headers().get(header::ORIGIN).cloned();
+    let result = match state.db.refresh_credentials().await {
+        Ok(()) => handler(state, request).await,
+        Err(error) => Err(error),
+    };
+    let (mut response, error_code) = match result {
+        Ok(response) => (response, None),
+        Err(error) => {
+            let code = error.code();
+            (error.into_response(), Some(code))
+        }
+    };
+    allow_origin(&state.config.cors_allowed_origins, origin, &mut response);
+    tracing::info!(
+        function,
+        method,
+        route,
+        status = response.status().as_u16(),
+        error = error_code,
+        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        request_id,
+        "request"
+    );
+    response
+}
+
+/// The route template (API Gateway's route key) rather than the raw path where we have it.
+fn route_of(request: &Request) -> String {
+    if let Some(RequestContext::ApiGatewayV2(ctx)) = request.request_context_ref()
+        && let Some(key) = ctx.route_key.as_deref()
+        && key != "$default"
+    {
+        return key
+            .split_once(' ')
+            .map_or(key, |(_, path)| path)
+            .to_string();
+    }
+    request.uri().path().to_string()
+}
+
+/// API Gateway's CORS configuration answers in AWS; this covers local runs and direct
+/// invocations with the same allow-list. Never `*`.
+fn allow_origin(allowed: &[String], origin: Option<HeaderValue>, response: &mut Response<Body>) {
+    let Some(origin) = origin else { return };
+    let Ok(origin_str) = origin.to_str() else {
+        return;
+    };
+    if allowed
+        .iter()
+        .any(|a| a == origin_str.trim_end_matches('/'))
+    {
+        let headers = response.headers_mut();
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        headers.append(header::VARY, HeaderValue::from_static("Origin"));
+    }
+}

@@ -1,0 +1,6 @@
+//! Lambda binary for `functions::confirm_delivery`.
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_http::Error> {
+    common::runtime::run_http("confirm-delivery", functions::confirm_delivery::handler).await
+}

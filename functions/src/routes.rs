@@ -1,0 +1,87 @@
+//! The route table: the contract's endpoints and the function serving each. template.yaml and
+//! the `cargo lambda watch` router in Cargo.toml map the same routes; tests hold them together.
+
+/// (method, path template, function).
+pub const ROUTES: &[(&str, &str, &str)] = &[
+    ("POST", "/register", "register"),
+    ("POST", "/login", "login"),
+    ("GET", "/me", "me"),
+    ("GET", "/public-key/{user_id}", "get-public-key"),
+    ("PUT", "/update-key", "update-key"),
+    ("GET", "/users", "lookup-user"),
+    ("GET", "/health", "health"),
+    ("GET", "/health/ready", "health"),
+    ("POST", "/messages", "send-message"),
+    ("GET", "/messages", "get-messages"),
+    ("PUT", "/messages/{id}/delivered", "confirm-delivery"),
+    ("GET", "/metrics", "metrics"),
+];
+
+/// A matched route: its template, function and path parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteMatch {
+    pub method: &'static str,
+    pub template: &'static str,
+    pub function: &'static str,
+    pub params: Vec<(String, String)>,
+}
+
+/// The route for `method` and `path`, or `Err` with the methods the path does allow (empty when
+/// no route has this path at all).
+pub fn find(method: &str, path: &str) -> Result<RouteMatch, Vec<&'static str>> {
+    let mut allowed = Vec::new();
+    for &(route_method, template, function) in ROUTES {
+        if let Some(params) = match_template(template, path) {
+            if route_method.eq_ignore_ascii_case(method) {
+                return Ok(RouteMatch {
+                    method: route_method,
+                    template,
+                    function,
+                    params,
+                });
+            }
+            allowed.push(route_method);
+        }
+    }
+    Err(allowed)
+}
+
+fn match_template(template: &str, path: &str) -> Option<Vec<(String, String)>> {
+    let path = if path.len() > 1 {
+        path.trim_end_matches('/')
+    } else {
+        path
+    };
+    let mut template_parts = template.split('/');
+    let mut path_parts = path.split('/');
+    let mut params = Vec::new();
+    loop {
+        match (template_parts.next(), path_parts.next()) {
+            (None, None) => return Some(params),
+            (Some(t), Some(p)) if t.starts_with('{') && t.ends_with('}') && !p.is_empty() => {
+                params.push((t[1..t.len() - 1].to_string(), p.to_string()));
+            }
+            (Some(t), Some(p)) if t == p => {}
+            _ => return None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_templates() {
+        let m = find("PUT", "/messages/abc/delivered").unwrap();
+        assert_eq!(m.function, "confirm-delivery");
+        assert_eq!(m.params, [("id".to_string(), "abc".to_string())]);
+        assert_eq!(find("GET", "/messages").unwrap().function, "get-messages");
+        assert_eq!(find("POST", "/messages").unwrap().function, "send-message");
+        assert_eq!(find("GET", "/health/ready").unwrap().function, "health");
+        assert_eq!(find("DELETE", "/messages").unwrap_err(), ["POST", "GET"]);
+        assert!(find("GET", "/nope").unwrap_err().is_empty());
+        assert!(find("PUT", "/messages//delivered").unwrap_err().is_empty());
+        assert!(find("GET", "/public-key/a/b").unwrap_err().is_empty());
+    }
+}
