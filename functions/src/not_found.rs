@@ -1,16 +1,24 @@
 //! The API's fallback (`$default` in API Gateway, the catch-all in the watch router): any path or
 //! method without a route gets the contract's error body, 405 with `Allow` for a known path.
+//! It also answers CORS preflights, which a `$default` route receives instead of API Gateway.
 
-use common::ApiError;
-use common::AppState;
+use common::http::no_content;
 use common::runtime::HandlerResult;
+use common::{ApiError, AppState};
 use lambda_http::Request;
+use lambda_http::http::{HeaderValue, Method, header};
 
 use crate::routes;
 
-pub async fn handler(_state: &AppState, request: Request) -> HandlerResult {
+/// How long a browser may cache a preflight answer, in seconds.
+const PREFLIGHT_MAX_AGE: &str = "600";
+
+pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
     match routes::find(request.method().as_str(), request.uri().path()) {
         Err(allowed) if allowed.is_empty() => Err(ApiError::NotFound("no such route")),
+        Err(allowed) if request.method() == Method::OPTIONS => {
+            Ok(preflight(state, &request, &allowed))
+        }
         Err(allowed) => Err(ApiError::MethodNotAllowed {
             allow: allowed.join(", "),
         }),
@@ -20,4 +28,41 @@ pub async fn handler(_state: &AppState, request: Request) -> HandlerResult {
             route.method, route.template, route.function
         ))),
     }
+}
+
+/// 204 with `Allow`; for an allowed origin also the CORS preflight headers (the runtime adds
+/// `Access-Control-Allow-Origin` itself).
+fn preflight(
+    state: &AppState,
+    request: &Request,
+    allowed: &[&str],
+) -> lambda_http::Response<lambda_http::Body> {
+    let mut response = no_content();
+    let methods = format!("{}, OPTIONS", allowed.join(", "));
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&methods) {
+        headers.insert(header::ALLOW, value.clone());
+        let origin = request
+            .headers()
+            .get(header::ORIGIN)
+            .and_then(|o| o.to_str().ok());
+        if origin.is_some_and(|o| {
+            state
+                .config
+                .cors_allowed_origins
+                .iter()
+                .any(|a| a == o.trim_end_matches('/'))
+        }) {
+            headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, value);
+            headers.insert(
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                HeaderValue::from_static("authorization, content-type"),
+            );
+            headers.insert(
+                header::ACCESS_CONTROL_MAX_AGE,
+                HeaderValue::from_static(PREFLIGHT_MAX_AGE),
+            );
+        }
+    }
+    response
 }

@@ -1,0 +1,7 @@
+//! Every function in-process, through real API Gateway event JSON, against real PostgreSQL
+//! (`#[sqlx::test]` creates a fresh database per test and applies `migrations/`).
+
+mod accounts;
+mod messaging;
+mod operations;
+mod support;

@@ -1,0 +1,388 @@
+//! health, not-found, metrics, purge, migrate, database faults and CORS.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+use crate::support::TestApp;
+
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn health_and_readiness(pool: PgPool) {
+    let app = TestApp::new(pool);
+    let r = app.request("GET", "/health").send().await;
+    assert_eq!((r.status, r.body.clone()), (200, json!({"status": "ok"})));
+    let r = app.request("GET", "/health/ready").send().await;
+    assert_eq!(
+        (r.status, r.body.clone()),
+        (200, json!({"status": "ok", "database": "ok"}))
+    );
+}
+
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn unknown_routes_and_methods(pool: PgPool) {
+    let app = TestApp::new(pool);
+    app.request("GET", "/nope")
+        .send()
+        .await
+        .assert_error(404, "not_found");
+    app.request("GET", "/messages/x/y/z")
+        .send()
+        .await
+        .assert_error(404, "not_found");
+    let r = app.request("DELETE", "/messages").send().await;
+    r.assert_error(405, "method_not_allowed");
+    assert_eq!(r.headers["allow"], "POST, GET");
+    let r = app.request("GET", "/register").send().await;
+    r.assert_error(405, "method_not_allowed");
+    assert_eq!(r.headers["allow"], "POST");
+    let r = app.request("POST", "/messages/abc/delivered").send().await;
+    assert_eq!(r.headers["allow"], "PUT");
+}
+
+/// A database that does not answer: every endpoint that needs it is 503 fast, liveness is 200.
+#[tokio::test]
+async fn database_down_is_503_quickly() {
+    // Nothing listens on port 1; the pool is built exactly as in production, lazily.
+    let pool = PgPoolOptions::new()
+        .acquire_timeout(Duration::from_millis(1500))
+        .connect_lazy("postgres://postgres@127.0.0.1:1/messenger")
+        .unwrap();
+    let app = TestApp::new(pool);
+    let token = app
+        .state
+        .jwt
+        .issue(uuid::Uuid::now_v7())
+        .unwrap()
+        .access_token;
+    let calls = [
+        (
+            "POST",
+            "/register",
+            Some(
+                json!({"name": "alice", "password": "long enough pw", "public_key": crate::support::key("p256.pem")}),
+            ),
+        ),
+        (
+            "POST",
+            "/login",
+            Some(json!({"name": "alice", "password": "long enough pw"})),
+        ),
+        ("GET", "/me", None),
+        (
+            "GET",
+            "/public-key/0190a3c2-7b5e-7c3e-8f00-123456789abc",
+            None,
+        ),
+        (
+            "PUT",
+            "/update-key",
+            Some(json!({"public_key": crate::support::key("p256.pem")})),
+        ),
+        ("GET", "/users?name=alice", None),
+        (
+            "POST",
+            "/messages",
+            Some(
+                json!({"recipient_id": "0190a3c2-7b5e-7c3e-8f00-123456789abc", "encrypted_data": "aGk="}),
+            ),
+        ),
+        ("GET", "/messages", None),
+        (
+            "PUT",
+            "/messages/0190a3c2-7b5e-7c3e-8f00-123456789abc/delivered",
+            None,
+        ),
+        ("GET", "/metrics", None),
+    ];
+    for (method, path, body) in calls {
+        let started = Instant::now();
+        let mut request = app.request(method, path).bearer(&token);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let r = request.send().await;
+        r.assert_error(503, "unavailable");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{path} took {:?}",
+            started.elapsed()
+        );
+        assert!(!r.text.contains("127.0.0.1"), "no internals: {}", r.text);
+    }
+    let r = app.request("GET", "/health").send().await;
+    assert_eq!(r.status, 200);
+    let r = app.request("GET", "/health/ready").send().await;
+    r.assert_error(503, "unavailable");
+    assert_eq!(r.body["status"], "unavailable");
+    // sqlx retries a refused connect until the acquire timeout, then reports the timeout.
+    let reason = r.body["database"].as_str().unwrap();
+    assert!(
+        ["connection refused", "timed out connecting"].contains(&reason),
+        "{reason}"
+    );
+}
+
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn cors_answers_only_named_origins(pool: PgPool) {
+    let app = TestApp::with_env(pool, &[("CORS_ALLOWED_ORIGINS", "https://app.example")]);
+    let r = app
+        .request("GET", "/health")
+        .header("origin", "https://app.example")
+        .send()
+        .await;
+    assert_eq!(
+        r.headers["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let r = app
+        .request("GET", "/health")
+        .header("origin", "https://evil.example")
+        .send()
+        .await;
+    assert!(!r.headers.contains_key("access-control-allow-origin"));
+    // Preflights reach the fallback function (API Gateway's `$default` route) and get a 2xx.
+    let r = app
+        .request("OPTIONS", "/messages")
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await;
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        r.headers["access-control-allow-origin"],
+        "https://app.example"
+    );
+    assert_eq!(
+        r.headers["access-control-allow-methods"],
+        "POST, GET, OPTIONS"
+    );
+    assert!(
+        r.headers["access-control-allow-headers"]
+            .to_str()
+            .unwrap()
+            .contains("authorization")
+    );
+    let r = app
+        .request("OPTIONS", "/messages")
+        .header("origin", "https://evil.example")
+        .send()
+        .await;
+    assert_eq!(r.status, 204);
+    assert!(!r.headers.contains_key("access-control-allow-origin"));
+    assert!(!r.headers.contains_key("access-control-allow-methods"));
+    app.request("OPTIONS", "/nowhere")
+        .send()
+        .await
+        .assert_error(404, "not_found");
+}
+
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn metrics_from_the_database(pool: PgPool) {
+    let app = TestApp::with_env(
+        pool.clone(),
+        &[("METRICS_TOKEN", "metrics-token-for-tests")],
+    );
+    let (_, alice_token) = app.user("alice").await;
+    let bob = app.register("bob").await;
+    for _ in 0..3 {
+        app.request("POST", "/messages")
+            .bearer(&alice_token)
+            .json(json!({"recipient_id": bob, "encrypted_data": "aGk="}))
+            .send()
+            .await;
+    }
+    app.request("GET", "/metrics")
+        .send()
+        .await
+        .assert_error(401, "unauthorized");
+    app.request("GET", "/metrics")
+        .bearer("wrong")
+        .send()
+        .await
+        .assert_error(401, "unauthorized");
+    let r = app
+        .request("GET", "/metrics")
+        .bearer("metrics-token-for-tests")
+        .send()
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        r.headers["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    for line in [
+        "# TYPE messenger_users gauge",
+        "messenger_users 2",
+        "messenger_messages_pending 3",
+        "messenger_messages_delivered_awaiting_expiry 0",
+    ] {
+        assert!(
+            r.text.lines().any(|l| l == line),
+            "missing {line:?} in\n{}",
+            r.text
+        );
+    }
+    assert!(!r.text.contains("purge_last_run"), "no purge has run yet");
+    functions::purge::purge(app.state, Instant::now() + Duration::from_secs(60), 100)
+        .await
+        .unwrap();
+    let r = app
+        .request("GET", "/metrics")
+        .bearer("metrics-token-for-tests")
+        .send()
+        .await;
+    assert!(
+        r.text
+            .contains("messenger_purge_last_run_messages_deleted 0"),
+        "{}",
+        r.text
+    );
+    assert!(
+        r.text.contains("messenger_purge_last_run_complete 1"),
+        "{}",
+        r.text
+    );
+    // Without METRICS_TOKEN the endpoint is open.
+    let open = TestApp::new(pool);
+    assert_eq!(open.request("GET", "/metrics").send().await.status, 200);
+}
+
+async fn seed_messages(pool: &PgPool, expired: i64, live: i64) -> (uuid::Uuid, uuid::Uuid) {
+    let a = uuid::Uuid::now_v7();
+    let b = uuid::Uuid::now_v7();
+    sqlx::query("INSERT INTO users (id, name, hashed_password, public_key) VALUES ($1, 'seed-a', '$2b$04$x', '-----BEGIN PUBLIC KEY-----x'), ($2, 'seed-b', '$2b$04$x', '-----BEGIN PUBLIC KEY-----x')")
+        .bind(a)
+        .bind(b)
+        .execute(pool)
+        .await
+        .unwrap();
+    // Ids made in SQL in the same time-ordered layout as uuid v7.
+    sqlx::query(
+        r#"INSERT INTO messages (id, sender_id, recipient_id, encrypted_data, "timestamp", expires_at)
+           SELECT gen_random_uuid(), $1, $2, '\x01'::bytea, now() - interval '8 days', now() - interval '1 day' + (g * interval '1 ms')
+           FROM generate_series(1, $3) AS g
+           UNION ALL
+           SELECT gen_random_uuid(), $1, $2, '\x02'::bytea, now(), now() + interval '7 days'
+           FROM generate_series(1, $4) AS g"#,
+    )
+    .bind(a)
+    .bind(b)
+    .bind(expired)
+    .bind(live)
+    .execute(pool)
+    .await
+    .unwrap();
+    (a, b)
+}
+
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn purge_deletes_expired_in_batches_and_keeps_live(pool: PgPool) {
+    let app = TestApp::new(pool.clone());
+    seed_messages(&pool, 2_500, 300).await;
+    // A delivered message that expired goes too; ended rate-limit windows go as well.
+    sqlx::query("INSERT INTO rate_limits VALUES ('login_name', 'old', now() - interval '2 hours', 3), ('login_name', 'current', now(), 1)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let report =
+        functions::purge::purge(app.state, Instant::now() + Duration::from_secs(120), 1_000)
+            .await
+            .unwrap();
+    assert_eq!(report.messages_deleted, 2_500);
+    assert_eq!(report.rate_limits_deleted, 1);
+    assert!(report.complete);
+    assert_eq!(
+        report.batches,
+        3 + 1,
+        "three message batches, one rate-limit batch"
+    );
+    let (live, expired): (i64, i64) = sqlx::query_as("SELECT count(*) FILTER (WHERE expires_at > now()), count(*) FILTER (WHERE expires_at <= now()) FROM messages")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!((live, expired), (300, 0));
+    let runs: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM purge_runs WHERE messages_deleted = 2500 AND complete",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(runs, 1);
+}
+
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn purge_stops_before_the_deadline_and_the_next_run_continues(pool: PgPool) {
+    let app = TestApp::new(pool.clone());
+    seed_messages(&pool, 1_000, 10).await;
+    // Inside the safety margin: no batch may start.
+    let report = functions::purge::purge(app.state, Instant::now() + Duration::from_secs(5), 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.batches, report.messages_deleted, report.complete),
+        (0, 0, false)
+    );
+    let report = functions::purge::purge(app.state, Instant::now() + Duration::from_secs(60), 100)
+        .await
+        .unwrap();
+    assert_eq!((report.messages_deleted, report.complete), (1_000, true));
+}
+
+/// The 1,000,000-row backlog: `make test-purge-backlog` runs it (about a minute here).
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+#[ignore = "slow: run with `make test-purge-backlog`"]
+async fn purge_clears_a_million_row_backlog(pool: PgPool) {
+    let app = TestApp::new(pool.clone());
+    let seeded = Instant::now();
+    seed_messages(&pool, 1_000_000, 10_000).await;
+    println!(
+        "seeded 1,000,000 expired + 10,000 live rows in {:.1} s",
+        seeded.elapsed().as_secs_f64()
+    );
+    let started = Instant::now();
+    let mut runs = 0;
+    let mut total = 0;
+    // Each run gets a 20 s budget (a real run gets the Lambda timeout), so several are needed.
+    loop {
+        runs += 1;
+        let report = functions::purge::purge(
+            app.state,
+            Instant::now() + Duration::from_secs(20),
+            functions::purge::DEFAULT_BATCH_SIZE,
+        )
+        .await
+        .unwrap();
+        total += report.messages_deleted;
+        println!(
+            "run {runs}: {} deleted in {} batches, {} ms, complete={}",
+            report.messages_deleted, report.batches, report.duration_ms, report.complete
+        );
+        if report.complete {
+            break;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    println!(
+        "purged {total} rows in {elapsed:.1} s over {runs} runs ({:.0} rows/s)",
+        total as f64 / elapsed
+    );
+    assert_eq!(total, 1_000_000);
+    let live: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(live, 10_000, "live messages untouched");
+}
+
+#[sqlx::test(migrations = false)]
+async fn migrate_applies_the_embedded_schema_once(pool: PgPool) {
+    let db = common::db::Database::from_pool(pool);
+    let first = functions::migrate::run(&db).await.unwrap();
+    assert!(!first.applied_now.is_empty());
+    assert_eq!(first.latest_version, first.applied_now.last().copied());
+    let second = functions::migrate::run(&db).await.unwrap();
+    assert!(second.applied_now.is_empty());
+    assert_eq!(second.latest_version, first.latest_version);
+}
