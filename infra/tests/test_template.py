@@ -138,19 +138,24 @@ def template_routes() -> tuple[list[tuple[str, str, str]], list[str]]:
 
 
 def router_table() -> tuple[dict[tuple[str, str], str], list[tuple[str, str]]]:
-    """({(METHOD, path): function}, [(path, function) of method-less catch-alls]) from Cargo.toml."""
+    """({(METHOD, path): function}, [(path, function) of fallbacks]) from Cargo.toml.
+
+    A path mapped to a plain string is a catch-all (any method); a method that a known path maps
+    to not-found is that path's 405 answer, also a fallback rather than a route."""
     with CARGO_TOML.open("rb") as f:
         cargo = tomllib.load(f)
     router = cargo["workspace"]["metadata"]["lambda"]["watch"]["router"]
     routes, catch_all = {}, []
     for path, entries in router.items():
+        if isinstance(entries, str):
+            catch_all.append((path, entries))
+            continue
         for entry in entries:
-            if "method" in entry:
-                key = (entry["method"].upper(), path)
-                assert key not in routes, f"router maps {key} twice"
-                routes[key] = entry["function"]
-            else:
-                catch_all.append((path, entry["function"]))
+            key = (entry["method"].upper(), path)
+            assert key not in routes, f"router maps {key} twice"
+            if entry["function"] == "not-found":
+                continue
+            routes[key] = entry["function"]
     return routes, catch_all
 
 
@@ -205,10 +210,8 @@ class RouteTablesAgree(unittest.TestCase):
         _, default = template_routes()
         self.assertEqual(default, ["not-found"])
         _, catch_all = router_table()
-        self.assertEqual(len(catch_all), 1, f"expected one router fallback, got {catch_all}")
-        path, function = catch_all[0]
-        self.assertIn("{*", path, "the router fallback must be a catch-all path")
-        self.assertEqual(function, "not-found")
+        self.assertEqual(sorted(catch_all), [("/", "not-found"), ("/{*path}", "not-found")],
+                         "the router must send the root and every unknown path to not-found")
 
     def test_http_events_use_the_explicit_api(self):
         for logical_id, fn in functions().items():
@@ -620,6 +623,17 @@ class InfraStackFeedsTheApp(unittest.TestCase):
                 self.assertEqual(infra[theirs]["Default"], role)
                 self.assertRegex(sql, rf"CREATE ROLE {role} LOGIN")
                 self.assertRegex(sql, rf"GRANT rds_iam TO [\w, ]*\b{role}\b")
+
+
+class RustRouteTableAgrees(unittest.TestCase):
+    """functions/src/routes.rs (used by not-found for 404 vs 405, and by the tests) is the
+    fourth route table: it must equal the router's."""
+
+    def test_routes_rs_matches_router(self):
+        text = (CARGO_TOML.parent / "functions" / "src" / "routes.rs").read_text(encoding="utf-8")
+        rust = {(m, p): f for m, p, f in re.findall(r'\("([A-Z]+)", "(/[^"]*)", "([a-z-]+)"\)', text)}
+        router, _ = router_table()
+        self.assertEqual(rust, router, "functions/src/routes.rs and the Cargo.toml router disagree")
 
 
 if __name__ == "__main__":

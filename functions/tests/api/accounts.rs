@@ -178,7 +178,7 @@ async fn registrations_per_address_are_limited(pool: PgPool) {
     // Another address is not affected.
     let r = app
         .request("POST", "/register")
-        .from_ip("198.51.100.1")
+        .with_source_ip("198.51.100.1")
         .json(json!({"name": "user3", "password": PASSWORD, "public_key": key("p256.pem")}))
         .send()
         .await;
@@ -279,7 +279,7 @@ async fn repeated_failures_lock_the_name_even_for_the_right_password(pool: PgPoo
     app.login("ivan").await;
     let r = app
         .request("POST", "/login")
-        .from_ip("198.51.100.9")
+        .with_source_ip("198.51.100.9")
         .json(json!({"name": "heidi", "password": PASSWORD}))
         .send()
         .await;
@@ -341,7 +341,7 @@ async fn failures_from_one_address_are_limited_across_names(pool: PgPool) {
     assert!(r.headers.contains_key("retry-after"));
     let r = app
         .request("POST", "/login")
-        .from_ip("198.51.100.2")
+        .with_source_ip("198.51.100.2")
         .json(json!({"name": "judy", "password": PASSWORD}))
         .send()
         .await;

@@ -1,0 +1,63 @@
+# Secure Messenger API. `make dev` runs it locally; `make test` runs every test and check.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+export CARGO_TERM_COLOR ?= never
+PORT ?= 9000
+VENV := .venv/bin
+
+.PHONY: help dev test test-unit test-e2e lint check-infra migrate test-purge-backlog build build-x86 deploy tools fmt clean-local
+
+help:
+	@echo "make dev                 run the API at http://127.0.0.1:$(PORT) (cargo lambda watch)"
+	@echo "make test                formatting, clippy, unit + integration tests, end-to-end, infra checks"
+	@echo "make migrate             apply migrations to the local (or \$$DATABASE_URL) database"
+	@echo "make test-purge-backlog  the slow purge test: 1,000,000 expired rows"
+	@echo "make build | deploy      release build for Lambda (arm64) | sam build && sam deploy"
+
+tools:
+	@bash scripts/ensure-venv.sh
+	@command -v cargo-nextest >/dev/null || cargo install cargo-nextest --locked
+
+dev: tools
+	@bash scripts/dev.sh
+
+migrate:
+	@DATABASE_URL="$$(bash scripts/database-url.sh)" cargo run --quiet --bin migrate
+
+test: tools lint test-unit test-e2e check-infra
+	@echo "==> make test: all passed"
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+# Unit tests and the in-process function tests (one fresh database per test). nextest runs each
+# test in its own process, which sqlx's per-test databases need.
+test-unit:
+	DATABASE_URL="$$(bash scripts/database-url.sh messenger_test)" cargo nextest run --workspace --no-fail-fast
+
+test-e2e: tools
+	@bash scripts/e2e.sh
+
+check-infra: tools
+	@bash infra/check.sh
+
+test-purge-backlog:
+	DATABASE_URL="$$(bash scripts/database-url.sh messenger_test)" cargo nextest run --release -p functions \
+		--run-ignored ignored-only --no-capture purge_clears_a_million_row_backlog
+
+# Lambda packages: arm64 through zig (cargo-lambda's own), or x86_64 with plain cargo.
+build: tools
+	$(VENV)/cargo-lambda lambda build --release --arm64 --output-format zip
+build-x86: tools
+	$(VENV)/cargo-lambda lambda build --release --compiler cargo --output-format zip
+
+deploy: tools
+	$(VENV)/sam build && $(VENV)/sam deploy
+
+fmt:
+	cargo fmt --all
+
+clean-local:
+	@if [ -f .local/pg/data/postmaster.pid ]; then runuser -u postgres -- pg_ctl -D .local/pg/data stop -m fast || true; fi
+	rm -rf .local
