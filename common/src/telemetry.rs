@@ -1,13 +1,18 @@
 //! JSON log lines on stdout (Lambda's JSON log format passes them through as they are).
 
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
 
-/// Installs the JSON subscriber once; `RUST_LOG` filters it (default `info`). sqlx is held at
-/// `warn` by default: its statement logs are noise here, and parameters are never logged anyway.
-pub fn init() {
+/// The production log format, writing to `writer`; tests capture it to check what is logged.
+/// `RUST_LOG` filters it (default `info`). sqlx is held at `warn` by default: its statement logs
+/// are noise here (and never hold bound parameters anyway).
+pub fn json_subscriber<W>(writer: W) -> impl tracing::Subscriber + Send + Sync + 'static
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
-    let _ = tracing_subscriber::fmt()
+    tracing_subscriber::fmt()
         .json()
         .with_env_filter(filter)
         .with_target(false)
@@ -15,5 +20,11 @@ pub fn init() {
         .with_span_list(false)
         .flatten_event(true)
         .with_ansi(false)
-        .try_init();
+        .with_writer(writer)
+        .finish()
+}
+
+/// Installs the JSON subscriber on stdout, once per process.
+pub fn init() {
+    let _ = tracing::subscriber::set_global_default(json_subscriber(std::io::stdout));
 }

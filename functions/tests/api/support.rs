@@ -23,6 +23,20 @@ pub fn key(name: &str) -> String {
     .unwrap()
 }
 
+/// Test defaults (bcrypt cost 4) overridden by `vars`.
+fn test_config(vars: &[(&str, &str)]) -> Config {
+    let mut env: HashMap<String, String> = [
+        ("JWT_SECRET", JWT_SECRET),
+        ("DATABASE_URL", "postgres://unused-the-pool-is-given"),
+        ("BCRYPT_COST", "4"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    env.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    Config::from_lookup(|k| env.get(k).cloned()).expect("test config is valid")
+}
+
 pub struct TestApp {
     pub state: &'static AppState,
     pub pool: PgPool,
@@ -35,20 +49,23 @@ impl TestApp {
 
     /// A state as a Lambda instance would build it, from these variables over test defaults.
     pub fn with_env(pool: PgPool, vars: &[(&str, &str)]) -> Self {
-        let mut env: HashMap<String, String> = [
-            ("JWT_SECRET", JWT_SECRET),
-            ("DATABASE_URL", "postgres://unused-the-pool-is-given"),
-            ("BCRYPT_COST", "4"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        env.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let config = Config::from_lookup(|k| env.get(k).cloned()).expect("test config is valid");
+        let config = test_config(vars);
         let state = Box::leak(Box::new(AppState::new(
             config,
             Database::from_pool(pool.clone()),
         )));
+        Self { state, pool }
+    }
+
+    /// A state built exactly as in production, including the pool (lazy, with its timeouts),
+    /// from these variables (which must include `DATABASE_URL`).
+    pub async fn connect(vars: &[(&str, &str)]) -> Self {
+        let config = test_config(vars);
+        let db = Database::connect(&config.database)
+            .await
+            .expect("database config is valid");
+        let pool = db.pool().clone();
+        let state = Box::leak(Box::new(AppState::new(config, db)));
         Self { state, pool }
     }
 

@@ -1,0 +1,295 @@
+//! Abuse resistance: rate limits shared across instances, log hygiene, hostile bodies.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use base64::Engine as _;
+use serde_json::json;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+use crate::support::{JWT_SECRET, PASSWORD, TestApp, key};
+
+/// A second "Lambda instance": its own pool (own connections) and state over the same database.
+async fn second_instance(pool: &PgPool, vars: &[(&str, &str)]) -> TestApp {
+    let options = (*pool.connect_options()).clone();
+    let own_pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(options)
+        .await
+        .unwrap();
+    TestApp::with_env(own_pool, vars)
+}
+
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn two_instances_share_one_failure_budget(pool: PgPool) {
+    let vars = [
+        ("LOGIN_MAX_FAILURES", "4"),
+        ("LOGIN_MAX_FAILURES_PER_ADDRESS", "1000"),
+        ("LOGIN_WINDOW_SECONDS", "3"),
+    ];
+    let a = TestApp::with_env(pool.clone(), &vars);
+    let b = second_instance(&pool, &vars).await;
+    a.register("victim").await;
+    a.register("bystander").await;
+    let wrong = || json!({"name": "victim", "password": "not-the-password"});
+    // Alternate between the instances: the 4 failures add up across them.
+    for (i, app) in [&a, &b, &a, &b].into_iter().enumerate() {
+        let r = app.request("POST", "/login").json(wrong()).send().await;
+        r.assert_error(401, "invalid_credentials");
+        let _ = i;
+    }
+    for app in [&a, &b] {
+        let r = app
+            .request("POST", "/login")
+            .json(json!({"name": "victim", "password": PASSWORD}))
+            .send()
+            .await;
+        r.assert_error(429, "rate_limited");
+        let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!(
+            (1..=3).contains(&retry),
+            "Retry-After {retry} must be within the 3 s window"
+        );
+    }
+    // Another name is not locked, on either instance.
+    b.login("bystander").await;
+    a.login("bystander").await;
+    // The window really expires (no clock tampering here).
+    tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
+    b.login("victim").await;
+}
+
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn per_address_limits_hold_across_instances_and_names(pool: PgPool) {
+    let vars = [
+        ("LOGIN_MAX_FAILURES", "1000"),
+        ("LOGIN_MAX_FAILURES_PER_ADDRESS", "6"),
+    ];
+    let a = TestApp::with_env(pool.clone(), &vars);
+    let b = second_instance(&pool, &vars).await;
+    a.register("target").await;
+    for i in 0..6 {
+        let app = if i % 2 == 0 { &a } else { &b };
+        let r = app
+            .request("POST", "/login")
+            .json(json!({"name": format!("spray{i}"), "password": "wrong-password"}))
+            .send()
+            .await;
+        r.assert_error(401, "invalid_credentials");
+    }
+    for app in [&a, &b] {
+        let r = app
+            .request("POST", "/login")
+            .json(json!({"name": "target", "password": PASSWORD}))
+            .send()
+            .await;
+        r.assert_error(429, "rate_limited");
+    }
+    let other = b
+        .request("POST", "/login")
+        .with_source_ip("198.51.100.77")
+        .json(json!({"name": "target", "password": PASSWORD}))
+        .send()
+        .await;
+    assert_eq!(other.status, 200, "another address keeps its own budget");
+}
+
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn concurrent_failures_are_all_counted(pool: PgPool) {
+    let vars = [("LOGIN_MAX_FAILURES", "1000")];
+    let a = TestApp::with_env(pool.clone(), &vars);
+    let b = second_instance(&pool, &vars).await;
+    a.register("racer").await;
+    let attempts = (0..20).map(|i| {
+        let app = if i % 2 == 0 { &a } else { &b };
+        app.request("POST", "/login")
+            .json(json!({"name": "racer", "password": "wrong-password"}))
+            .send()
+    });
+    futures::future::join_all(attempts).await;
+    let counted: i32 = sqlx::query_scalar(
+        "SELECT attempts FROM rate_limits WHERE bucket = 'login_name' AND key = 'racer'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(counted, 20, "the atomic upsert loses no attempt");
+}
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// A full exchange, logged in the production format: no password, token, JWT secret or
+/// ciphertext appears in any line, and every request has its line.
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn logs_never_hold_secrets(pool: PgPool) {
+    let captured = Captured::default();
+    let _guard =
+        tracing::subscriber::set_default(common::telemetry::json_subscriber(captured.clone()));
+    let app = TestApp::with_env(pool, &[("METRICS_TOKEN", "metrics-secret-token-123")]);
+    let (_, alice_token) = app.user("alice").await;
+    let (bob, bob_token) = app.user("bob").await;
+    let plaintext_like = b"ciphertext-bytes-that-must-not-be-logged";
+    let ciphertext = base64::engine::general_purpose::STANDARD.encode(plaintext_like);
+    let sent = app
+        .request("POST", "/messages")
+        .bearer(&alice_token)
+        .json(json!({"recipient_id": bob, "encrypted_data": ciphertext}))
+        .send()
+        .await;
+    let id = sent.body["id"].as_str().unwrap().to_string();
+    app.request("GET", "/messages")
+        .bearer(&bob_token)
+        .send()
+        .await;
+    app.request("PUT", &format!("/messages/{id}/delivered"))
+        .bearer(&bob_token)
+        .send()
+        .await;
+    app.request("POST", "/login")
+        .json(json!({"name": "alice", "password": "wrong-password-xyz"}))
+        .send()
+        .await;
+    app.request("GET", "/metrics")
+        .bearer("metrics-secret-token-123")
+        .send()
+        .await;
+    app.request("GET", "/me")
+        .bearer(&format!("{alice_token}x"))
+        .send()
+        .await;
+    app.request("POST", "/register")
+        .json(json!({"name": "x", "password": "short-pw-secret"}))
+        .send()
+        .await;
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every line is JSON"))
+        .collect();
+    let requests = lines.iter().filter(|l| l["message"] == "request").count();
+    assert_eq!(requests, 11, "one line per request:\n{logs}");
+    let line = lines
+        .iter()
+        .find(|l| l["function"] == "send-message")
+        .unwrap();
+    for field in ["function", "method", "route", "status", "duration_ms"] {
+        assert!(!line[field].is_null(), "{field} missing in {line}");
+    }
+    let alice_signature = alice_token.rsplit('.').next().unwrap();
+    for secret in [
+        PASSWORD,
+        "wrong-password-xyz",
+        "short-pw-secret",
+        &alice_token,
+        alice_signature,
+        &bob_token,
+        JWT_SECRET,
+        "metrics-secret-token-123",
+        &ciphertext,
+        "ciphertext-bytes-that-must-not-be-logged",
+    ] {
+        assert!(
+            !logs.contains(secret),
+            "a secret reached the logs: {secret}"
+        );
+    }
+}
+
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn hostile_bodies_get_clear_4xx(pool: PgPool) {
+    let app = TestApp::new(pool);
+    let (_, token) = app.user("alice").await;
+    // Unknown fields are ignored, by decision (forward compatibility).
+    let r = app
+        .request("POST", "/register")
+        .json(json!({"name": "bob", "password": PASSWORD, "public_key": key("p256.pem"), "admin": true, "id": "x"}))
+        .send()
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let cases: Vec<(&str, &str, String, u16)> = vec![
+        (
+            "POST",
+            "/login",
+            "{\"name\":\"alice\",\"name\":\"bob\",\"password\":\"x\"}".into(),
+            400,
+        ),
+        (
+            "POST",
+            "/login",
+            format!("{}{}", "{\"a\":".repeat(200), "1"),
+            400,
+        ),
+        (
+            "POST",
+            "/login",
+            format!(
+                "{{\"name\":\"{}\",\"password\":\"p\"}}",
+                "n".repeat(100_000)
+            ),
+            413,
+        ),
+        (
+            "POST",
+            "/register",
+            "{\"name\":\"nul\\u0000name\",\"password\":\"long-enough\",\"public_key\":\"k\"}"
+                .into(),
+            422,
+        ),
+        (
+            "PUT",
+            "/update-key",
+            "{\"public_key\":\"-----BEGIN PUBLIC KEY-----\\u0000\"}".into(),
+            422,
+        ),
+        ("POST", "/messages", "\u{feff}{}".into(), 400),
+        (
+            "POST",
+            "/messages",
+            "{\"recipient_id\":[],\"encrypted_data\":{}}".into(),
+            400,
+        ),
+    ];
+    for (method, path, body, status) in cases {
+        let r = app
+            .request(method, path)
+            .bearer(&token)
+            .raw_body(&body)
+            .send()
+            .await;
+        assert_eq!(
+            r.status,
+            status,
+            "{method} {path} {}: {}",
+            &body[..body.len().min(60)],
+            r.text
+        );
+        assert!(r.body["error"].is_string());
+    }
+    let r = app
+        .request("POST", "/login")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .raw_body("name=a&password=b")
+        .send()
+        .await;
+    r.assert_error(400, "bad_request");
+}
