@@ -43,8 +43,17 @@ check-infra: tools
 	@bash infra/check.sh
 
 test-purge-backlog:
-	DATABASE_URL="$$(bash scripts/database-url.sh messenger_test)" cargo nextest run --release -p functions \
+	DATABASE_URL="$$(bash scripts/database-url.sh messenger_test)" cargo nextest run -p functions \
 		--run-ignored ignored-only --no-capture purge_clears_a_million_row_backlog
+
+# Release build, then the benchmark (bench/): handler vs SQL cost, cold starts, sizes, memory,
+# bcrypt, as aligned tables. Uses the local PostgreSQL's messenger_bench database, which it
+# empties (BENCH_DATABASE_URL to point elsewhere; the name must contain "bench").
+.PHONY: bench
+bench:
+	cargo build --release --bins
+	DATABASE_URL="$${BENCH_DATABASE_URL:-$$(env -u DATABASE_URL bash scripts/database-url.sh messenger_bench)}" \
+		cargo run --release --quiet -p bench
 
 # Lambda packages: arm64 through zig (cargo-lambda's own), or x86_64 with plain cargo.
 build: tools

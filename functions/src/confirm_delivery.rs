@@ -8,7 +8,7 @@ use lambda_http::Request;
 
 /// Marking delivered and erasing the ciphertext is one statement, so no delivered message's
 /// content outlives the confirmation. Repeating it matches the same row again (204).
-const CONFIRM_SQL: &str = r#"
+pub const CONFIRM_SQL: &str = r#"
 WITH caller AS (SELECT id FROM users WHERE id = $2),
 confirmed AS (
     UPDATE messages SET is_delivered = true, encrypted_data = NULL

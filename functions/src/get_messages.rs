@@ -33,7 +33,7 @@ pub struct Page {
 /// One indexed query (messages_pending_by_recipient): up to limit + 1 candidates after the
 /// cursor, cut where their ciphertext would exceed the response budget. The caller row makes a
 /// deleted account's token 401 rather than an empty page.
-const PAGE_SQL: &str = r#"
+pub const PAGE_SQL: &str = r#"
 WITH caller AS (SELECT id FROM users WHERE id = $1),
 candidates AS (
     SELECT m.id, m.sender_id, m.recipient_id, m.encrypted_data, m."timestamp", m.expires_at,

@@ -10,7 +10,7 @@ use lambda_http::http::StatusCode;
 use crate::lookup_user::{Found, respond};
 
 /// The entry, and whether the caller's own account still exists, in one round trip.
-const SQL: &str = r#"
+pub const SQL: &str = r#"
 SELECT EXISTS (SELECT 1 FROM users WHERE id = $1) AS caller_exists,
        u.id AS user_id, u.name, u.public_key, u.key_updated_at
 FROM (SELECT 1) AS one

@@ -19,7 +19,7 @@ pub struct TokenResponse {
 }
 
 /// The user (if any) and both failure counters in their current windows, in one round trip.
-const LOOKUP_SQL: &str = r#"
+pub const LOOKUP_SQL: &str = r#"
 WITH failures AS (
     SELECT bucket,
            attempts,

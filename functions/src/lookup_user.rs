@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::users::PublicKeyEntry;
 
-const SQL: &str = r#"
+pub const SQL: &str = r#"
 SELECT EXISTS (SELECT 1 FROM users WHERE id = $1) AS caller_exists,
        u.id AS user_id, u.name, u.public_key, u.key_updated_at
 FROM (SELECT 1) AS one

@@ -11,7 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
-const SNAPSHOT_SQL: &str = r#"
+pub const SNAPSHOT_SQL: &str = r#"
 SELECT
     (SELECT count(*) FROM users) AS users,
     (SELECT count(*) FROM messages WHERE NOT is_delivered AND expires_at > now()) AS messages_pending,

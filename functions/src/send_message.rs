@@ -21,7 +21,7 @@ pub struct Sent {
 
 /// One round trip: the row is inserted only if the recipient exists (no row back means 404); a
 /// sender whose account is gone fails the foreign key (401).
-const INSERT_SQL: &str = r#"
+pub const INSERT_SQL: &str = r#"
 INSERT INTO messages (id, sender_id, recipient_id, encrypted_data, "timestamp", expires_at)
 SELECT $1, $2, u.id, $4, now(), now() + make_interval(secs => $5)
 FROM users u WHERE u.id = $3

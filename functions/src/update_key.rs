@@ -9,7 +9,7 @@ use lambda_http::http::StatusCode;
 
 use crate::users::Profile;
 
-const UPDATE_SQL: &str = r#"
+pub const UPDATE_SQL: &str = r#"
 UPDATE users SET public_key = $2, key_updated_at = now()
 WHERE id = $1
 RETURNING id, name, public_key, created_at, key_updated_at

@@ -15,8 +15,10 @@ async fn main() -> Result<(), lambda_runtime::Error> {
                     .duration_since(UNIX_EPOCH)
                     .unwrap_or_default(),
             );
-            let deadline = Instant::now() + remaining;
-            functions::purge::purge(state, deadline, functions::purge::DEFAULT_BATCH_SIZE)
+            // Keep a margin before the Lambda deadline to record the run and return.
+            let stop_by =
+                Instant::now() + remaining.saturating_sub(functions::purge::DEADLINE_MARGIN);
+            functions::purge::purge(state, stop_by, functions::purge::DEFAULT_BATCH_SIZE)
                 .await
                 .map_err(|error| {
                     tracing::error!(error = %error, "purge failed");

@@ -6,4 +6,5 @@ mod accounts;
 mod faults;
 mod messaging;
 mod operations;
+mod queries;
 mod support;

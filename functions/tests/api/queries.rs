@@ -1,0 +1,103 @@
+//! The query plans on a table of 1,000,000 messages: fetch, confirm and purge each use the index
+//! meant for them (a plan change that falls back to a scan fails here, not in production).
+
+use sqlx::PgPool;
+
+async fn plan(
+    pool: &PgPool,
+    sql: &str,
+    binds: impl FnOnce(
+        sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+) -> String {
+    // Test-only: the statement is one of our own constants, explained inside a rolled-back
+    // transaction (the UPDATE and DELETE are only planned, but to be safe nothing is kept).
+    let explain = sqlx::AssertSqlSafe(format!("EXPLAIN (COSTS OFF) {sql}"));
+    let mut tx = pool.begin().await.unwrap();
+    let rows: Vec<String> = binds(sqlx::query(explain))
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| sqlx::Row::get::<String, _>(r, 0))
+        .collect();
+    tx.rollback().await.unwrap();
+    rows.join("\n")
+}
+
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn each_query_uses_its_index_on_a_million_messages(pool: PgPool) {
+    let users: Vec<uuid::Uuid> = (0..100).map(|_| uuid::Uuid::now_v7()).collect();
+    sqlx::query(
+        "INSERT INTO users (id, name, hashed_password, public_key)
+         SELECT id, 'user' || n, '$2b$04$x', '-----BEGIN PUBLIC KEY-----x'
+         FROM UNNEST($1::uuid[]) WITH ORDINALITY AS t(id, n)",
+    )
+    .bind(&users)
+    .execute(&pool)
+    .await
+    .unwrap();
+    // 1,000,000 messages over 100 recipients: a fifth delivered, a tenth expired.
+    sqlx::query(
+        r#"INSERT INTO messages (id, sender_id, recipient_id, encrypted_data, "timestamp", expires_at, is_delivered)
+           SELECT gen_random_uuid(), u[1 + g % 100], u[1 + (g * 7) % 100],
+                  CASE WHEN g % 5 = 0 THEN NULL ELSE '\x00'::bytea END,
+                  now() - interval '8 days',
+                  now() + CASE WHEN g % 10 = 1 THEN interval '-1 hour' ELSE interval '1 day' END,
+                  g % 5 = 0
+           FROM generate_series(1, 1000000) AS g, (SELECT $1::uuid[] AS u) AS ids"#,
+    )
+    .bind(&users)
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE messages")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("ANALYZE users").execute(&pool).await.unwrap();
+
+    let recipient = users[3];
+    let fetch = plan(&pool, functions::get_messages::PAGE_SQL, |q| {
+        q.bind(recipient)
+            .bind(uuid::Uuid::nil())
+            .bind(100i64)
+            .bind(4_194_304i64)
+    })
+    .await;
+    assert!(
+        fetch.contains("messages_pending_by_recipient"),
+        "fetch plan:\n{fetch}"
+    );
+    assert!(
+        !fetch.contains("Seq Scan on messages"),
+        "fetch plan:\n{fetch}"
+    );
+
+    let confirm = plan(&pool, functions::confirm_delivery::CONFIRM_SQL, |q| {
+        q.bind(uuid::Uuid::now_v7()).bind(recipient)
+    })
+    .await;
+    assert!(
+        confirm.contains("messages_pkey"),
+        "confirm plan:\n{confirm}"
+    );
+    assert!(
+        !confirm.contains("Seq Scan on messages"),
+        "confirm plan:\n{confirm}"
+    );
+
+    let purge = plan(&pool, functions::purge::DELETE_MESSAGES_SQL, |q| {
+        q.bind(5000i64)
+    })
+    .await;
+    assert!(
+        purge.contains("messages_expires_at"),
+        "purge plan:\n{purge}"
+    );
+    assert!(
+        !purge.contains("Seq Scan on messages"),
+        "purge plan:\n{purge}"
+    );
+    println!("fetch:\n{fetch}\n\nconfirm:\n{confirm}\n\npurge:\n{purge}");
+}
