@@ -47,11 +47,7 @@ pub fn find(method: &str, path: &str) -> Result<RouteMatch, Vec<&'static str>> {
 }
 
 fn match_template(template: &str, path: &str) -> Option<Vec<(String, String)>> {
-    let path = if path.len() > 1 {
-        path.trim_end_matches('/')
-    } else {
-        path
-    };
+    // Exact segments, as API Gateway matches them: "/me/" is not "/me".
     let mut template_parts = template.split('/');
     let mut path_parts = path.split('/');
     let mut params = Vec::new();
@@ -83,5 +79,6 @@ mod tests {
         assert!(find("GET", "/nope").unwrap_err().is_empty());
         assert!(find("PUT", "/messages//delivered").unwrap_err().is_empty());
         assert!(find("GET", "/public-key/a/b").unwrap_err().is_empty());
+        assert!(find("GET", "/me/").unwrap_err().is_empty());
     }
 }

@@ -23,6 +23,14 @@ async fn health_and_readiness(pool: PgPool) {
 #[sqlx::test(migrator = "common::db::MIGRATOR")]
 async fn unknown_routes_and_methods(pool: PgPool) {
     let app = TestApp::new(pool);
+    app.request("GET", "/me/")
+        .send()
+        .await
+        .assert_error(404, "not_found");
+    app.request("GET", "/")
+        .send()
+        .await
+        .assert_error(404, "not_found");
     app.request("GET", "/nope")
         .send()
         .await
