@@ -13,8 +13,11 @@ log="$work/watch.log"
 
 cargo build --bins --quiet
 ./target/debug/migrate >/dev/null
+# Per-address limits are raised: every run comes from 127.0.0.1 and the database outlives runs.
+# The per-name lockout is exercised below with this run's own names.
 JWT_SECRET="e2e-$(head -c 32 /dev/urandom | base64 | tr -d '\n/+=')" BCRYPT_COST=4 \
-    METRICS_TOKEN=e2e-metrics-token bash scripts/lambda-env.sh "$work/env"
+    METRICS_TOKEN=e2e-metrics-token REGISTER_MAX_PER_ADDRESS=1000000 \
+    LOGIN_MAX_FAILURES_PER_ADDRESS=1000000 LOGIN_MAX_FAILURES=5 bash scripts/lambda-env.sh "$work/env"
 
 .venv/bin/cargo-lambda lambda watch --invoke-address 127.0.0.1 --invoke-port "$port" \
     --disable-cors --ignore-changes --env-file "$work/env" >"$log" 2>&1 &
@@ -110,6 +113,14 @@ expect "not_found body" [ "$(jq -r .error <<<"$body")" = not_found ]
 call DELETE /messages 405
 expect "method_not_allowed body" [ "$(jq -r .error <<<"$body")" = method_not_allowed ]
 call GET / 404
+
+# Five failures lock the name, even for the right password, with Retry-After.
+for _ in 1 2 3 4 5; do
+    call POST /login 401 "{\"name\":\"bob$run\",\"password\":\"wrong-password\"}"
+done
+call POST /login 429 "{\"name\":\"bob$run\",\"password\":\"bob-password\"}"
+expect "429 carries Retry-After" grep -qi '^retry-after: [0-9]' "$work/headers"
+call POST /login 200 "{\"name\":\"alice$run\",\"password\":\"alice-password\"}"
 
 # The logs of the whole exchange hold no password, token or ciphertext.
 for secret in alice-password bob-password "$alice_token" "$bob_token" "$ciphertext" e2e-metrics-token; do
