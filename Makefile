@@ -5,11 +5,12 @@ export CARGO_TERM_COLOR ?= never
 PORT ?= 9000
 VENV := .venv/bin
 
-.PHONY: help dev test test-unit test-e2e lint check-infra migrate test-purge-backlog build build-x86 deploy tools fmt clean-local
+.PHONY: help dev test test-unit test-e2e fuzz-api lint check-infra migrate test-purge-backlog build build-x86 deploy tools fmt clean-local
 
 help:
 	@echo "make dev                 run the API at http://127.0.0.1:$(PORT) (cargo lambda watch)"
 	@echo "make test                formatting, clippy, unit + integration tests, end-to-end, infra checks"
+	@echo "make fuzz-api            schemathesis against the local API and openapi.yaml (FUZZ_EXAMPLES=100)"
 	@echo "make migrate             apply migrations to the local (or \$$DATABASE_URL) database"
 	@echo "make test-purge-backlog  the slow purge test: 1,000,000 expired rows"
 	@echo "make build | deploy      release build for Lambda (arm64) | sam build && sam deploy"
@@ -24,7 +25,7 @@ dev: tools
 migrate:
 	@DATABASE_URL="$$(bash scripts/database-url.sh)" cargo run --quiet --bin migrate
 
-test: tools lint test-unit test-e2e check-infra
+test: tools lint test-unit test-e2e fuzz-api check-infra
 	@echo "==> make test: all passed"
 
 lint:
@@ -38,6 +39,10 @@ test-unit:
 
 test-e2e: tools
 	@bash scripts/e2e.sh
+
+# Property-based fuzzing of the running API against openapi.yaml (schemathesis).
+fuzz-api: tools
+	@bash scripts/fuzz-api.sh
 
 check-infra: tools
 	@bash infra/check.sh

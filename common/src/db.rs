@@ -10,7 +10,6 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 
 use crate::config::{DatabaseConfig, DatabaseTarget, IamDatabase, SslMode};
-use crate::error::ApiError;
 
 /// The schema, embedded so the `migrate` function can apply it inside AWS.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
@@ -33,6 +32,10 @@ struct IamTokens {
 #[derive(Debug, thiserror::Error)]
 #[error("database configuration: {0}")]
 pub struct DatabaseInitError(String);
+
+#[derive(Debug, thiserror::Error)]
+#[error("signing an RDS IAM token: {0}")]
+pub struct IamTokenError(String);
 
 impl Database {
     /// Builds the pool without connecting. In IAM mode this signs the first token (offline).
@@ -98,7 +101,7 @@ impl Database {
 
     /// Called once per invocation: cheap unless the IAM token is due. A Lambda instance is frozen
     /// between invocations, so a background timer could not be trusted to have run.
-    pub async fn refresh_credentials(&self) -> Result<(), ApiError> {
+    pub async fn refresh_credentials(&self) -> Result<(), IamTokenError> {
         let Some(iam) = &self.iam else {
             return Ok(());
         };
@@ -111,7 +114,7 @@ impl Database {
             let options = iam
                 .options_with_fresh_token()
                 .await
-                .map_err(|e| ApiError::Unavailable(format!("signing an RDS IAM token: {e}")))?;
+                .map_err(IamTokenError)?;
             self.pool.set_connect_options(options);
         }
         Ok(())

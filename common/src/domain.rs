@@ -39,9 +39,9 @@ impl UserName {
     }
 }
 
-/// A password of 8 to 72 bytes. bcrypt reads at most 72 bytes, so longer is refused rather
-/// than silently truncated; a NUL byte would end the password early in other bcrypt
-/// implementations, so it is refused too.
+/// A password of 8 to 72 bytes in UTF-8, as the contract says. bcrypt reads at most 72 bytes,
+/// so longer is refused rather than silently truncated. Any byte may appear, NUL included: the
+/// bcrypt crate hashes every byte (a test in `password` holds it to that).
 pub struct Password(Secret<String>);
 
 impl Password {
@@ -56,12 +56,6 @@ impl Password {
             return Err(ApiError::validation(
                 "password",
                 "password must be at most 72 bytes in UTF-8 (bcrypt's limit)",
-            ));
-        }
-        if raw.contains('\0') {
-            return Err(ApiError::validation(
-                "password",
-                "password must not contain NUL",
             ));
         }
         Ok(Self(Secret::new(raw.to_string())))
@@ -219,7 +213,8 @@ pub fn encode_ciphertext(bytes: &[u8]) -> String {
     BASE64.encode(bytes)
 }
 
-/// `limit` for message paging: 1..=500, default 100. Not a number is 400; out of range is 422.
+/// `limit` for message paging: 1..=500, default 100. Not a plain decimal integer (`ten`, `+5`,
+/// `1.5`) is 400; an integer out of range (however large) is 422.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PageLimit(u16);
 
@@ -231,16 +226,17 @@ impl PageLimit {
         let Some(raw) = raw else {
             return Ok(Self(Self::DEFAULT));
         };
-        let value: i64 = raw
-            .parse()
-            .map_err(|_| ApiError::bad_field("limit", "limit must be a whole number"))?;
-        if !(1..=i64::from(Self::MAX)).contains(&value) {
-            return Err(ApiError::validation(
+        let digits = raw.strip_prefix('-').unwrap_or(raw);
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(ApiError::bad_field("limit", "limit must be a whole number"));
+        }
+        match raw.parse::<u16>() {
+            Ok(value) if (1..=Self::MAX).contains(&value) => Ok(Self(value)),
+            _ => Err(ApiError::validation(
                 "limit",
                 "limit must be between 1 and 500",
-            ));
+            )),
         }
-        Ok(Self(value as u16))
     }
 
     pub fn get(self) -> u16 {
@@ -248,9 +244,18 @@ impl PageLimit {
     }
 }
 
+/// A UUID in the canonical hyphenated form (8-4-4-4-12 hex digits), the only form the API
+/// speaks; the simple, braced and URN forms that `uuid` also reads are refused.
+pub fn canonical_uuid(raw: &str) -> Option<Uuid> {
+    if raw.len() != 36 {
+        return None;
+    }
+    Uuid::try_parse(raw).ok()
+}
+
 /// An id from a path or query value: a malformed one is 400.
 pub fn parse_id(raw: &str, field: &'static str) -> Result<Uuid, ApiError> {
-    Uuid::try_parse(raw).map_err(|_| ApiError::bad_field(field, format!("{field} must be a UUID")))
+    canonical_uuid(raw).ok_or_else(|| ApiError::bad_field(field, format!("{field} must be a UUID")))
 }
 
 #[cfg(test)]
@@ -289,7 +294,7 @@ mod tests {
         // 36 two-byte characters = 72 bytes is fine; 37 = 74 bytes is refused.
         assert!(Password::parse(&"é".repeat(36)).is_ok());
         assert_eq!(status(Password::parse(&"é".repeat(37))), 422);
-        assert_eq!(status(Password::parse("abcd\0efgh")), 422);
+        assert!(Password::parse("abcd\0efgh").is_ok());
         assert!(!format!("{:?}", Password::parse("sekret-pass").unwrap()).contains("sekret"));
     }
 
@@ -322,12 +327,31 @@ mod tests {
         assert_eq!(status(PageLimit::parse(Some("-5"))), 422);
         assert_eq!(status(PageLimit::parse(Some("ten"))), 400);
         assert_eq!(status(PageLimit::parse(Some(""))), 400);
+        assert_eq!(status(PageLimit::parse(Some("+5"))), 400);
+        assert_eq!(status(PageLimit::parse(Some("1.5"))), 400);
+        assert_eq!(status(PageLimit::parse(Some(" 5"))), 400);
+        assert_eq!(status(PageLimit::parse(Some("-"))), 400);
+        assert_eq!(
+            status(PageLimit::parse(Some("99999999999999999999999"))),
+            422
+        );
     }
 
     #[test]
     fn ids() {
         assert!(parse_id("0190a3c2-7b5e-7c3e-8f00-123456789abc", "id").is_ok());
         assert_eq!(status(parse_id("nope", "id")), 400);
+        for other_form in [
+            "0190a3c27b5e7c3e8f00123456789abc",
+            "{0190a3c2-7b5e-7c3e-8f00-123456789abc}",
+            "urn:uuid:0190a3c2-7b5e-7c3e-8f00-123456789abc",
+        ] {
+            assert_eq!(status(parse_id(other_form, "id")), 400, "{other_form}");
+        }
+        assert!(
+            parse_id("0190A3C2-7B5E-7C3E-8F00-123456789ABC", "id").is_ok(),
+            "hex in any case"
+        );
     }
 
     fn key(name: &str) -> String {

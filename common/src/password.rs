@@ -71,6 +71,18 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn bytes_after_a_nul_still_count() {
+        let a = Password::parse("abcd\0efgh").unwrap();
+        let b = Password::parse("abcd\0zzzz").unwrap();
+        let hashed = hash(&a, 4).await.unwrap();
+        assert!(verify(&a, Some(hashed.clone()), 4).await.unwrap());
+        assert!(
+            !verify(&b, Some(hashed), 4).await.unwrap(),
+            "no truncation at NUL"
+        );
+    }
+
+    #[tokio::test]
     async fn unknown_user_never_matches_and_runs_the_same_cost() {
         let pw = Password::parse("no password matches this dummy").unwrap();
         assert!(!verify(&pw, None, 4).await.unwrap());

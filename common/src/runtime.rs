@@ -55,10 +55,12 @@ where
     let route = route_of(&request);
     let request_id = request.lambda_context_ref().map(|c| c.request_id.clone());
     let origin = request.headers().get(header::ORIGIN).cloned();
-    let result = match state.db.refresh_credentials().await {
-        Ok(()) => handler(state, request).await,
-        Err(error) => Err(error),
-    };
+    // A failed IAM token refresh is not this request's answer: the pool keeps its last token,
+    // a handler that needs the database then gets its own 503, and liveness stays 200.
+    if let Err(error) = state.db.refresh_credentials().await {
+        tracing::warn!(error = %error, "database credentials not refreshed");
+    }
+    let result = handler(state, request).await;
     let (mut response, error_code) = match result {
         Ok(response) => (response, None),
         Err(error) => {

@@ -1,7 +1,7 @@
 //! POST /messages: store ciphertext for an existing recipient until it is confirmed or expires.
 
 use chrono::{DateTime, Utc};
-use common::domain::Ciphertext;
+use common::domain::{Ciphertext, canonical_uuid};
 use common::http::{authenticate, json_body, json_response};
 use common::runtime::HandlerResult;
 use common::{ApiError, AppState};
@@ -32,8 +32,8 @@ pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
     let sender = authenticate(&request, &state.jwt)?;
     let config = &state.config;
     let body = json_body(&request, config.max_body_bytes())?;
-    let recipient_id = Uuid::try_parse(body.required_str("recipient_id")?)
-        .map_err(|_| ApiError::validation("recipient_id", "recipient_id must be a UUID"))?;
+    let recipient_id = canonical_uuid(body.required_str("recipient_id")?)
+        .ok_or_else(|| ApiError::validation("recipient_id", "recipient_id must be a UUID"))?;
     let ciphertext = Ciphertext::parse(
         body.required_str("encrypted_data")?,
         config.max_message_bytes,

@@ -126,6 +126,12 @@ async fn send_errors(pool: PgPool) {
             "recipient_id",
         ),
         (
+            json!({"recipient_id": bob.replace('-', ""), "encrypted_data": "aGk="}),
+            422,
+            "validation_failed",
+            "recipient_id",
+        ),
+        (
             json!({"encrypted_data": "aGk="}),
             422,
             "validation_failed",
