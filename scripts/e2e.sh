@@ -122,6 +122,11 @@ call POST /login 429 "{\"name\":\"bob$run\",\"password\":\"bob-password\"}"
 expect "429 carries Retry-After" grep -qi '^retry-after: [0-9]' "$work/headers"
 call POST /login 200 "{\"name\":\"alice$run\",\"password\":\"alice-password\"}"
 
+# The purge binary, invoked with the EventBridge schedule event the aws_lambda_events crate ships.
+fixture=$(ls ~/.cargo/registry/src/*/aws_lambda_events-*/src/fixtures/example-eventbridge-schedule.json | head -n 1)
+purge=$(.venv/bin/cargo-lambda lambda invoke --invoke-address 127.0.0.1 --invoke-port "$port" purge --data-file "$fixture")
+expect "purge runs to completion: $purge" [ "$(jq -r .complete <<<"$purge")" = true ]
+
 # The logs of the whole exchange hold no password, token or ciphertext.
 for secret in alice-password bob-password "$alice_token" "$bob_token" "$ciphertext" e2e-metrics-token; do
     expect "logs do not contain a secret" bash -c '! grep -qF -- "$1" "$2"' _ "$secret" "$log"

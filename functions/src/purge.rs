@@ -2,7 +2,7 @@
 //! batches, each its own short transaction, and stops before the Lambda deadline so a backlog
 //! of millions is cleared over several runs without long locks or a timeout.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chrono::{DateTime, Utc};
 use common::AppState;
@@ -11,8 +11,26 @@ use serde::Serialize;
 /// Rows per delete: large enough to be efficient, small enough to keep each transaction short.
 pub const DEFAULT_BATCH_SIZE: i64 = 5_000;
 
-/// Time kept free before the Lambda deadline: the run records itself and returns in it.
-pub const DEADLINE_MARGIN: Duration = Duration::from_secs(10);
+/// Time left before an invocation's deadline (`Lambda-Runtime-Deadline-Ms`, Unix milliseconds).
+/// `cargo lambda watch` sends the timeout itself there (e.g. 600000), a value no real deadline
+/// can have, so anything before 2001 is read as the time left.
+pub fn time_left(deadline_ms: u64) -> Duration {
+    const YEAR_2001_MS: u64 = 978_307_200_000;
+    if deadline_ms < YEAR_2001_MS {
+        return Duration::from_millis(deadline_ms);
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    Duration::from_millis(deadline_ms).saturating_sub(now)
+}
+
+/// Time kept free before the Lambda deadline, to record the run and return: a quarter of the
+/// time left, at most 10 s (so a 300 s run deletes for 290 s, and a 3 s run still for 2.25 s).
+pub fn stop_by(time_left: Duration) -> Instant {
+    let margin = (time_left / 4).min(Duration::from_secs(10));
+    Instant::now() + time_left.saturating_sub(margin)
+}
 
 /// The batch's ids are collected first (an index range scan on `messages_expires_at`, skipping
 /// rows another run holds), then deleted by primary key. `id IN (subquery)` let the planner pick
@@ -120,4 +138,41 @@ pub async fn purge(
         "purge"
     );
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_margin_is_a_quarter_of_the_time_left_at_most_ten_seconds() {
+        let close = |a: Instant, b: Duration| {
+            let d = a.saturating_duration_since(Instant::now());
+            (b.saturating_sub(Duration::from_millis(50))..=b).contains(&d)
+        };
+        assert!(close(
+            stop_by(Duration::from_secs(300)),
+            Duration::from_secs(290)
+        ));
+        assert!(close(
+            stop_by(Duration::from_secs(3)),
+            Duration::from_millis(2250)
+        ));
+        assert!(close(stop_by(Duration::ZERO), Duration::ZERO));
+    }
+
+    #[test]
+    fn time_left_from_a_deadline_or_the_emulators_timeout() {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let left = time_left(now_ms + 30_000);
+        assert!(
+            (Duration::from_secs(29)..=Duration::from_secs(30)).contains(&left),
+            "{left:?}"
+        );
+        assert_eq!(time_left(now_ms - 1_000), Duration::ZERO);
+        assert_eq!(time_left(600_000), Duration::from_secs(600));
+    }
 }

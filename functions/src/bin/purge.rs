@@ -1,7 +1,5 @@
 //! Lambda binary for the scheduled purge (EventBridge, hourly).
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
 use aws_lambda_events::eventbridge::EventBridgeEvent;
 use lambda_runtime::{LambdaEvent, service_fn};
 
@@ -10,14 +8,9 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let state = common::runtime::init("purge").await?;
     lambda_runtime::run(service_fn(
         |event: LambdaEvent<EventBridgeEvent>| async move {
-            let remaining = Duration::from_millis(event.context.deadline).saturating_sub(
-                SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap_or_default(),
-            );
-            // Keep a margin before the Lambda deadline to record the run and return.
-            let stop_by =
-                Instant::now() + remaining.saturating_sub(functions::purge::DEADLINE_MARGIN);
+            let time_left = functions::purge::time_left(event.context.deadline);
+            tracing::debug!(time_left_ms = time_left.as_millis() as u64, "purge invoked");
+            let stop_by = functions::purge::stop_by(time_left);
             functions::purge::purge(state, stop_by, functions::purge::DEFAULT_BATCH_SIZE)
                 .await
                 .map_err(|error| {
