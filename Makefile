@@ -60,11 +60,12 @@ bench:
 	DATABASE_URL="$${BENCH_DATABASE_URL:-$$(env -u DATABASE_URL bash scripts/database-url.sh messenger_bench)}" \
 		cargo run --release --quiet -p bench
 
-# Lambda packages: arm64 through zig (cargo-lambda's own), or x86_64 with plain cargo.
+# Lambda packages: arm64 through zig (the ziglang wheel cargo-lambda pulls into .venv, found on
+# PATH), or x86_64 with plain cargo.
 build: tools
-	$(VENV)/cargo-lambda lambda build --release --arm64 --output-format zip
+	PATH="$(CURDIR)/.venv/bin:$$PATH" $(VENV)/cargo-lambda lambda build --release --arm64 --output-format zip -p functions
 build-x86: tools
-	$(VENV)/cargo-lambda lambda build --release --compiler cargo --output-format zip
+	$(VENV)/cargo-lambda lambda build --release --compiler cargo --output-format zip -p functions
 
 deploy: tools
 	$(VENV)/sam build && $(VENV)/sam deploy

@@ -7,7 +7,7 @@ export DATABASE_URL="${DATABASE_URL:-$(bash scripts/database-url.sh messenger)}"
 port="${PORT:-9000}"
 
 echo "==> building every function (so the first request is fast)"
-cargo build --bins --quiet
+cargo build -p functions --bins --quiet
 echo "==> applying migrations"
 ./target/debug/migrate
 bash scripts/lambda-env.sh .local/dev.env

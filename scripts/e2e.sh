@@ -11,7 +11,7 @@ base="http://127.0.0.1:$port"
 work="$(mktemp -d)"
 log="$work/watch.log"
 
-cargo build --bins --quiet
+cargo build -p functions --bins --quiet
 ./target/debug/migrate >/dev/null
 # Per-address limits are raised: every run comes from 127.0.0.1 and the database outlives runs.
 # The per-name lockout is exercised below with this run's own names.

@@ -51,7 +51,7 @@ log="$report/watch.log"
 run_started=$(date +%s)
 
 echo "==> building every function"
-cargo build --bins --quiet
+cargo build -p functions --bins --quiet
 ./target/debug/migrate >/dev/null
 # METRICS_TOKEN unset: /metrics is then open, so its 200 exposition is fuzzed too (its 401 is
 # covered by the e2e and integration tests). A token lifetime longer than any run.
