@@ -122,6 +122,12 @@ impl Config {
         })
     }
 
+    /// Whether CORS allows this `Origin` value (a trailing slash is ignored, as in the list).
+    pub fn allows_origin(&self, origin: &str) -> bool {
+        let origin = origin.trim_end_matches('/');
+        self.cors_allowed_origins.iter().any(|a| a == origin)
+    }
+
     /// Largest request body worth reading: the base64 of the largest ciphertext plus room for
     /// the JSON around it.
     pub fn max_body_bytes(&self) -> usize {

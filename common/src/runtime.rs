@@ -8,6 +8,7 @@ use lambda_http::http::{HeaderValue, header};
 use lambda_http::request::RequestContext;
 use lambda_http::{Body, Request, RequestExt, Response, service_fn};
 
+use crate::config::Config;
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -68,7 +69,7 @@ where
             (error.into_response(), Some(code))
         }
     };
-    allow_origin(&state.config.cors_allowed_origins, origin, &mut response);
+    allow_origin(&state.config, origin, &mut response);
     tracing::info!(
         function,
         method,
@@ -98,15 +99,9 @@ fn route_of(request: &Request) -> String {
 
 /// API Gateway's CORS configuration answers in AWS; this covers local runs and direct
 /// invocations with the same allow-list. Never `*`.
-fn allow_origin(allowed: &[String], origin: Option<HeaderValue>, response: &mut Response<Body>) {
+fn allow_origin(config: &Config, origin: Option<HeaderValue>, response: &mut Response<Body>) {
     let Some(origin) = origin else { return };
-    let Ok(origin_str) = origin.to_str() else {
-        return;
-    };
-    if allowed
-        .iter()
-        .any(|a| a == origin_str.trim_end_matches('/'))
-    {
+    if origin.to_str().is_ok_and(|o| config.allows_origin(o)) {
         let headers = response.headers_mut();
         headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
         headers.append(header::VARY, HeaderValue::from_static("Origin"));

@@ -51,13 +51,7 @@ fn preflight(
             .headers()
             .get(header::ORIGIN)
             .and_then(|o| o.to_str().ok());
-        if origin.is_some_and(|o| {
-            state
-                .config
-                .cors_allowed_origins
-                .iter()
-                .any(|a| a == o.trim_end_matches('/'))
-        }) {
+        if origin.is_some_and(|o| state.config.allows_origin(o)) {
             headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, value);
             headers.insert(
                 header::ACCESS_CONTROL_ALLOW_HEADERS,
