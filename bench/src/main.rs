@@ -173,9 +173,7 @@ async fn app_state(url: &str, bcrypt_cost: u32, pool: Option<&PgPool>) -> &'stat
     let config = Config::from_lookup(|k| vars.get(k).cloned()).expect("bench config is valid");
     let db = match pool {
         Some(pool) => Database::from_pool(pool.clone()),
-        None => Database::connect(&config.database)
-            .await
-            .expect("DATABASE_URL is valid"),
+        None => Database::connect(&config.database).expect("DATABASE_URL is valid"),
     };
     Box::leak(Box::new(AppState::new(config, db)))
 }
@@ -873,7 +871,7 @@ struct Cold {
 }
 
 /// The database settings of IAM mode (DB_IAM_AUTH=true), pointed at the same server: the local
-/// server ignores the token under trust auth, so the whole IAM path (SDK config, token signing,
+/// server ignores the token under trust auth, so the whole IAM path (token signing,
 /// TLS required) runs.
 fn iam_env(settings: &Settings, env: &mut Vec<(String, String)>) {
     let options: sqlx::postgres::PgConnectOptions =
@@ -889,6 +887,7 @@ fn iam_env(settings: &Settings, env: &mut Vec<(String, String)>) {
         ),
         ("DB_USER", options.get_username().to_string()),
         // What Lambda puts in the environment of every function (example values).
+        ("AWS_REGION", "us-east-1".to_string()),
         ("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE".to_string()),
         (
             "AWS_SECRET_ACCESS_KEY",
@@ -1438,7 +1437,7 @@ async fn phase2(settings: &Settings, fx: &Fixture) -> f64 {
     }
     cold_table.note("init CPU = CPU time of all the process's threads at its first `next` poll (/proc schedstat): the work, without waits for a busy CPU");
     cold_table.note("first response includes the first database connection (TCP + TLS + auth) and the first statement prepare");
-    cold_table.note("IAM auth mode (production's DB_IAM_AUTH=true): aws-config loads the SDK config and signs an RDS token at init; same server, trust auth ignores the token");
+    cold_table.note("IAM auth mode (production's DB_IAM_AUTH=true): the function signs an RDS token (SigV4, offline) at init; same server, trust auth ignores the token");
     cold_table.note(&format!(
         "register and login include one bcrypt at cost {}; target init < 20 ms median. Worst init p50: {:.1} ms",
         settings.bcrypt_cost,

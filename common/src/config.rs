@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use crate::rds_token::{AwsCredentials, TokenTarget};
 use crate::secret::Secret;
 
 /// Largest ciphertext we accept: base64 of 4 MiB is 5.6 MB, just under Lambda's 6 MB payload
@@ -46,12 +47,13 @@ pub enum DatabaseTarget {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IamDatabase {
-    pub host: String,
-    pub port: u16,
+    /// Host, port and user to connect as, and the region that signs the token.
+    pub endpoint: TokenTarget,
     pub name: String,
-    pub user: String,
     pub ssl_mode: SslMode,
     pub ssl_root_cert: Option<String>,
+    /// The execution role's credentials (Lambda sets them in the environment).
+    pub credentials: AwsCredentials,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,10 +154,18 @@ impl DatabaseConfig {
             }
             (Some(url), false) => DatabaseTarget::Url(Secret::new(url)),
             (None, true) => DatabaseTarget::Iam(IamDatabase {
-                host: env.get("DB_HOST").ok_or(ConfigError::Missing("DB_HOST"))?,
-                port: env.number("DB_PORT", 5432, 1, 65_535)?,
+                endpoint: TokenTarget {
+                    host: env.get("DB_HOST").ok_or(ConfigError::Missing("DB_HOST"))?,
+                    port: env.number("DB_PORT", 5432, 1, 65_535)?,
+                    user: env.get("DB_USER").ok_or(ConfigError::Missing("DB_USER"))?,
+                    region: env
+                        .get("AWS_REGION")
+                        .or_else(|| env.get("AWS_DEFAULT_REGION"))
+                        .ok_or(ConfigError::Missing(
+                            "AWS_REGION (Lambda sets it; needed to sign RDS IAM tokens)",
+                        ))?,
+                },
                 name: env.get("DB_NAME").ok_or(ConfigError::Missing("DB_NAME"))?,
-                user: env.get("DB_USER").ok_or(ConfigError::Missing("DB_USER"))?,
                 ssl_mode: match env.get("DB_SSL_MODE").as_deref() {
                     None | Some("require") => SslMode::Require,
                     Some("verify-full") => SslMode::VerifyFull,
@@ -167,6 +177,17 @@ impl DatabaseConfig {
                     }
                 },
                 ssl_root_cert: env.get("DB_SSL_ROOT_CERT"),
+                credentials: AwsCredentials {
+                    access_key_id: env.get("AWS_ACCESS_KEY_ID").ok_or(ConfigError::Missing(
+                        "AWS_ACCESS_KEY_ID (Lambda sets the execution role's credentials; \
+                         elsewhere export them, e.g. `aws configure export-credentials --format env`)",
+                    ))?,
+                    secret_access_key: Secret::new(
+                        env.get("AWS_SECRET_ACCESS_KEY")
+                            .ok_or(ConfigError::Missing("AWS_SECRET_ACCESS_KEY"))?,
+                    ),
+                    session_token: env.get("AWS_SESSION_TOKEN").map(Secret::new),
+                },
             }),
             (None, false) => {
                 return Err(ConfigError::Missing(
@@ -177,7 +198,7 @@ impl DatabaseConfig {
         Ok(Self {
             target,
             statement_cache_capacity: env.number("DB_STATEMENT_CACHE_CAPACITY", 100, 0, 10_000)?,
-            max_connections: env.number("DB_MAX_CONNECTIONS", 2, 1, 100)?,
+            max_connections: env.number("DB_MAX_CONNECTIONS", 1, 1, 100)?,
             acquire_timeout: Duration::from_millis(env.number(
                 "DB_ACQUIRE_TIMEOUT_MS",
                 1500,
@@ -282,7 +303,7 @@ mod tests {
         assert_eq!(c.register_window_seconds, 3600);
         assert!(c.metrics_token.is_none());
         assert_eq!(c.database.statement_cache_capacity, 100);
-        assert_eq!(c.database.max_connections, 2);
+        assert_eq!(c.database.max_connections, 1);
     }
 
     #[test]
@@ -319,18 +340,71 @@ mod tests {
             ("DB_NAME", "messenger"),
             ("DB_USER", "app"),
             ("DB_STATEMENT_CACHE_CAPACITY", "0"),
+            AWS_ENV[0],
+            AWS_ENV[1],
+            AWS_ENV[2],
+            AWS_ENV[3],
         ])
         .unwrap();
         match c.database.target {
             DatabaseTarget::Iam(iam) => {
-                assert_eq!(iam.port, 5432);
+                assert_eq!(iam.endpoint.port, 5432);
+                assert_eq!(iam.endpoint.region, "eu-central-1");
                 assert_eq!(iam.ssl_mode, SslMode::Require);
+                assert_eq!(
+                    iam.credentials
+                        .session_token
+                        .as_ref()
+                        .map(|t| t.expose().as_str()),
+                    Some("session-token-value")
+                );
             }
             other => panic!("expected IAM, got {other:?}"),
         }
         assert_eq!(c.database.statement_cache_capacity, 0);
         assert!(config(&[SECRET, URL, ("DB_IAM_AUTH", "true")]).is_err());
         assert!(config(&[SECRET, ("DB_IAM_AUTH", "true"), ("DB_HOST", "h")]).is_err());
+    }
+
+    const AWS_ENV: [(&str, &str); 4] = [
+        ("AWS_REGION", "eu-central-1"),
+        ("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE"),
+        ("AWS_SECRET_ACCESS_KEY", "secret-key-value"),
+        ("AWS_SESSION_TOKEN", "session-token-value"),
+    ];
+
+    #[test]
+    fn iam_mode_needs_a_region_and_credentials_and_never_prints_them() {
+        let iam = [
+            SECRET,
+            ("DB_IAM_AUTH", "true"),
+            ("DB_HOST", "proxy.example"),
+            ("DB_NAME", "messenger"),
+            ("DB_USER", "app"),
+        ];
+        for (name, _) in &AWS_ENV[..3] {
+            let vars: Vec<_> = iam
+                .iter()
+                .chain(AWS_ENV.iter().filter(|(n, _)| n != name))
+                .copied()
+                .collect();
+            let err = config(&vars).unwrap_err();
+            assert!(err.to_string().contains(name), "{err}");
+        }
+        let with_default_region: Vec<_> = iam
+            .iter()
+            .chain(&AWS_ENV[1..])
+            .copied()
+            .chain([("AWS_DEFAULT_REGION", "us-west-2")])
+            .collect();
+        let c = config(&with_default_region).unwrap();
+        let printed = format!("{c:?}");
+        assert!(!printed.contains("secret-key-value"), "{printed}");
+        assert!(!printed.contains("session-token-value"), "{printed}");
+        match c.database.target {
+            DatabaseTarget::Iam(iam) => assert_eq!(iam.endpoint.region, "us-west-2"),
+            other => panic!("expected IAM, got {other:?}"),
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 
 use crate::config::{DatabaseConfig, DatabaseTarget, IamDatabase, SslMode};
+use crate::rds_token;
 
 /// The schema, embedded so the `migrate` function can apply it inside AWS.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
@@ -23,23 +24,19 @@ pub struct Database {
 }
 
 struct IamTokens {
-    generator: aws_sdk_rds::auth_token::AuthTokenGenerator,
-    sdk_config: aws_config::SdkConfig,
+    database: IamDatabase,
     base_options: PgConnectOptions,
-    refreshed_at: Mutex<Instant>,
+    signed_at: Mutex<Instant>,
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("database configuration: {0}")]
 pub struct DatabaseInitError(String);
 
-#[derive(Debug, thiserror::Error)]
-#[error("signing an RDS IAM token: {0}")]
-pub struct IamTokenError(String);
-
 impl Database {
-    /// Builds the pool without connecting. In IAM mode this signs the first token (offline).
-    pub async fn connect(config: &DatabaseConfig) -> Result<Self, DatabaseInitError> {
+    /// Builds the pool without connecting (init never waits on the database). In IAM mode this
+    /// signs the first token, offline.
+    pub fn connect(config: &DatabaseConfig) -> Result<Self, DatabaseInitError> {
         let pool_options = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .min_connections(0)
@@ -64,25 +61,12 @@ impl Database {
                 })
             }
             DatabaseTarget::Iam(iam) => {
-                let base_options = iam_base_options(iam, config.statement_cache_capacity);
-                let sdk_config =
-                    aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-                let signer_config = aws_sdk_rds::auth_token::Config::builder()
-                    .hostname(&iam.host)
-                    .port(u64::from(iam.port))
-                    .username(&iam.user)
-                    .build()
-                    .map_err(|e| DatabaseInitError(e.to_string()))?;
                 let tokens = IamTokens {
-                    generator: aws_sdk_rds::auth_token::AuthTokenGenerator::new(signer_config),
-                    sdk_config,
-                    base_options,
-                    refreshed_at: Mutex::new(Instant::now()),
+                    base_options: iam_base_options(iam, config.statement_cache_capacity),
+                    database: iam.clone(),
+                    signed_at: Mutex::new(Instant::now()),
                 };
-                let first = tokens
-                    .options_with_fresh_token()
-                    .await
-                    .map_err(|e| DatabaseInitError(format!("signing an RDS IAM token: {e}")))?;
+                let first = tokens.options_with_fresh_token();
                 Ok(Self {
                     pool: pool_options.connect_lazy_with(first),
                     iam: Some(tokens),
@@ -99,48 +83,44 @@ impl Database {
         &self.pool
     }
 
-    /// Called once per invocation: cheap unless the IAM token is due. A Lambda instance is frozen
+    /// Called once per invocation: free unless the IAM token is due. A Lambda instance is frozen
     /// between invocations, so a background timer could not be trusted to have run.
-    pub async fn refresh_credentials(&self) -> Result<(), IamTokenError> {
+    pub fn refresh_credentials(&self) {
         let Some(iam) = &self.iam else {
-            return Ok(());
+            return;
         };
         let due = iam
-            .refreshed_at
+            .signed_at
             .lock()
             .map(|at| at.elapsed() >= IAM_TOKEN_REFRESH)
             .unwrap_or(true);
         if due {
-            let options = iam
-                .options_with_fresh_token()
-                .await
-                .map_err(IamTokenError)?;
-            self.pool.set_connect_options(options);
+            self.pool
+                .set_connect_options(iam.options_with_fresh_token());
         }
-        Ok(())
     }
 }
 
 impl IamTokens {
-    async fn options_with_fresh_token(&self) -> Result<PgConnectOptions, String> {
-        let token = self
-            .generator
-            .auth_token(&self.sdk_config)
-            .await
-            .map_err(|e| e.to_string())?;
-        if let Ok(mut at) = self.refreshed_at.lock() {
+    fn options_with_fresh_token(&self) -> PgConnectOptions {
+        let token = rds_token::auth_token(
+            &self.database.endpoint,
+            &self.database.credentials,
+            chrono::Utc::now(),
+        );
+        if let Ok(mut at) = self.signed_at.lock() {
             *at = Instant::now();
         }
-        Ok(self.base_options.clone().password(token.as_str()))
+        self.base_options.clone().password(token.expose())
     }
 }
 
 fn iam_base_options(iam: &IamDatabase, statement_cache_capacity: usize) -> PgConnectOptions {
     let options = PgConnectOptions::new_without_pgpass()
-        .host(&iam.host)
-        .port(iam.port)
+        .host(&iam.endpoint.host)
+        .port(iam.endpoint.port)
         .database(&iam.name)
-        .username(&iam.user)
+        .username(&iam.endpoint.user)
         .statement_cache_capacity(statement_cache_capacity)
         .application_name("secure-messenger")
         .ssl_mode(match iam.ssl_mode {

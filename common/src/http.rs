@@ -166,7 +166,6 @@ pub fn bearer_token(value: &str) -> Option<&str> {
 pub fn client_address(request: &Request) -> String {
     let ip = match request.request_context_ref() {
         Some(RequestContext::ApiGatewayV2(ctx)) => ctx.http.source_ip.clone(),
-        Some(RequestContext::ApiGatewayV1(ctx)) => ctx.identity.source_ip.clone(),
         _ => None,
     };
     ip.filter(|ip| !ip.is_empty())

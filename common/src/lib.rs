@@ -8,6 +8,7 @@ pub mod error;
 pub mod http;
 pub mod jwt;
 pub mod password;
+pub mod rds_token;
 pub mod runtime;
 pub mod secret;
 pub mod state;

@@ -20,7 +20,7 @@ where
     F: Fn(&'static AppState, Request) -> Fut + Sync,
     Fut: Future<Output = HandlerResult> + Send,
 {
-    let state = init(function).await?;
+    let state = init(function)?;
     let handler = &handler;
     lambda_http::run(service_fn(move |request| async move {
         Ok::<_, std::convert::Infallible>(respond(function, state, request, handler).await)
@@ -29,9 +29,9 @@ where
 }
 
 /// Logging and state for any function (HTTP or not). The state lives as long as the instance.
-pub async fn init(function: &'static str) -> Result<&'static AppState, lambda_http::Error> {
+pub fn init(function: &'static str) -> Result<&'static AppState, lambda_http::Error> {
     crate::telemetry::init();
-    match AppState::from_env().await {
+    match AppState::from_env() {
         Ok(state) => Ok(Box::leak(Box::new(state))),
         Err(error) => {
             tracing::error!(function, error = %error, "start-up failed");
@@ -56,11 +56,7 @@ where
     let route = route_of(&request);
     let request_id = request.lambda_context_ref().map(|c| c.request_id.clone());
     let origin = request.headers().get(header::ORIGIN).cloned();
-    // A failed IAM token refresh is not this request's answer: the pool keeps its last token,
-    // a handler that needs the database then gets its own 503, and liveness stays 200.
-    if let Err(error) = state.db.refresh_credentials().await {
-        tracing::warn!(error = %error, "database credentials not refreshed");
-    }
+    state.db.refresh_credentials();
     let result = handler(state, request).await;
     let (mut response, error_code) = match result {
         Ok(response) => (response, None),

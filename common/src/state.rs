@@ -18,9 +18,9 @@ pub enum InitError {
 }
 
 impl AppState {
-    pub async fn from_env() -> Result<Self, InitError> {
+    pub fn from_env() -> Result<Self, InitError> {
         let config = Config::from_env()?;
-        let db = Database::connect(&config.database).await?;
+        let db = Database::connect(&config.database)?;
         Ok(Self::new(config, db))
     }
 

@@ -35,7 +35,7 @@ async fn applied_versions(pool: &sqlx::PgPool) -> Result<Vec<i64>, sqlx::Error> 
 }
 
 /// The migrator needs only the database settings, not the API's secrets.
-pub async fn connect() -> Result<Database, Box<dyn std::error::Error + Send + Sync>> {
+pub fn connect() -> Result<Database, Box<dyn std::error::Error + Send + Sync>> {
     let config = DatabaseConfig::from_lookup(|name| std::env::var(name).ok())?;
-    Ok(Database::connect(&config).await?)
+    Ok(Database::connect(&config)?)
 }

@@ -1,6 +1,6 @@
 //! Lambda binary for `functions::confirm_delivery`.
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_http::Error> {
     common::runtime::run_http("confirm-delivery", functions::confirm_delivery::handler).await
 }

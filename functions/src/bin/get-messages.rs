@@ -1,6 +1,6 @@
 //! Lambda binary for `functions::get_messages`.
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_http::Error> {
     common::runtime::run_http("get-messages", functions::get_messages::handler).await
 }

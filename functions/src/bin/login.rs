@@ -1,6 +1,6 @@
 //! Lambda binary for `functions::login`.
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_http::Error> {
     common::runtime::run_http("login", functions::login::handler).await
 }

@@ -1,6 +1,6 @@
 //! Lambda binary for `functions::lookup_user`.
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_http::Error> {
     common::runtime::run_http("lookup-user", functions::lookup_user::handler).await
 }

@@ -1,6 +1,6 @@
 //! Lambda binary for `functions::me`.
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_http::Error> {
     common::runtime::run_http("me", functions::me::handler).await
 }

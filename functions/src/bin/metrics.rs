@@ -1,6 +1,6 @@
 //! Lambda binary for `functions::metrics`.
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_http::Error> {
     common::runtime::run_http("metrics", functions::metrics::handler).await
 }

@@ -3,10 +3,10 @@
 use lambda_runtime::{LambdaEvent, service_fn};
 use serde_json::Value;
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_runtime::Error> {
     common::telemetry::init();
-    let db = functions::migrate::connect().await?;
+    let db = functions::migrate::connect()?;
     if std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_none() {
         let report = functions::migrate::run(&db).await?;
         println!("{}", serde_json::to_string(&report)?);

@@ -1,6 +1,6 @@
 //! Lambda binary for `functions::not_found`.
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_http::Error> {
     common::runtime::run_http("not-found", functions::not_found::handler).await
 }

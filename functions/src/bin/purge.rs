@@ -3,9 +3,9 @@
 use aws_lambda_events::eventbridge::EventBridgeEvent;
 use lambda_runtime::{LambdaEvent, service_fn};
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    let state = common::runtime::init("purge").await?;
+    let state = common::runtime::init("purge")?;
     lambda_runtime::run(service_fn(
         |event: LambdaEvent<EventBridgeEvent>| async move {
             let time_left = functions::purge::time_left(event.context.deadline);

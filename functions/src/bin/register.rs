@@ -1,6 +1,6 @@
 //! Lambda binary for `functions::register`.
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_http::Error> {
     common::runtime::run_http("register", functions::register::handler).await
 }

@@ -1,6 +1,6 @@
 //! Lambda binary for `functions::send_message`.
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_http::Error> {
     common::runtime::run_http("send-message", functions::send_message::handler).await
 }

@@ -1,6 +1,6 @@
 //! Lambda binary for `functions::update_key`.
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_http::Error> {
     common::runtime::run_http("update-key", functions::update_key::handler).await
 }

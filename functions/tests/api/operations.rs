@@ -49,6 +49,68 @@ async fn unknown_routes_and_methods(pool: PgPool) {
     assert_eq!(r.headers["allow"], "PUT");
 }
 
+/// Every TCP connection to the database has Nagle's algorithm off. sqlx 0.9.0 forgot it
+/// (vendor/README.md): with Nagle on, each TLS handshake flight and every message larger than
+/// one segment waits for the server's delayed ACK, about 40 ms each.
+#[cfg(target_os = "linux")]
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn database_connections_disable_nagle(pool: PgPool) {
+    let options = pool.connect_options();
+    let port = options.get_port();
+    assert!(
+        !options.get_host().starts_with('/'),
+        "this test needs DATABASE_URL over TCP, not a Unix socket"
+    );
+    // A connection built by the production code path, held open while we look at it.
+    let app = TestApp::connect(&[("DATABASE_URL", &database_url_of(&pool).await)]).await;
+    let mut connection = app.pool.acquire().await.unwrap();
+    sqlx::query("SELECT 1")
+        .execute(&mut *connection)
+        .await
+        .unwrap();
+
+    let mut checked = 0;
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap() {
+        let Ok(fd) = entry.unwrap().file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // SAFETY: only borrowed for the duration of the two getsockopt calls below, while
+        // `connection` (and the test pools) keep the descriptors open.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let socket = socket2::SockRef::from(&fd);
+        let Ok(Some(peer)) = socket.peer_addr().map(|a| a.as_socket()) else {
+            continue;
+        };
+        if peer.port() != port {
+            continue;
+        }
+        assert!(
+            socket.tcp_nodelay().unwrap(),
+            "TCP_NODELAY is off on the connection to {peer}"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 1, "found no TCP connection to port {port}");
+    drop(connection);
+    // Let the test harness drop the database without waiting for this pool.
+    app.pool.close().await;
+}
+
+/// The URL of the test's own database (the pool's options carry no password under trust auth).
+async fn database_url_of(pool: &PgPool) -> String {
+    let options = pool.connect_options();
+    let name: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    format!(
+        "postgres://{}@{}:{}/{name}",
+        options.get_username(),
+        options.get_host(),
+        options.get_port()
+    )
+}
+
 /// A database that does not answer: every endpoint that needs it is 503 fast, liveness is 200.
 #[tokio::test]
 async fn database_down_is_503_quickly() {

@@ -61,9 +61,7 @@ impl TestApp {
     /// from these variables (which must include `DATABASE_URL`).
     pub async fn connect(vars: &[(&str, &str)]) -> Self {
         let config = test_config(vars);
-        let db = Database::connect(&config.database)
-            .await
-            .expect("database config is valid");
+        let db = Database::connect(&config.database).expect("database config is valid");
         let pool = db.pool().clone();
         let state = Box::leak(Box::new(AppState::new(config, db)));
         Self { state, pool }
