@@ -17,7 +17,6 @@
 //! to the functions' environment). The binaries are read from the directory of this executable
 //! (target/release after `cargo build --release --bins`).
 
-mod events;
 mod report;
 mod runtime_api;
 
@@ -33,7 +32,7 @@ use common::AppState;
 use common::config::Config;
 use common::db::{Database, MIGRATOR};
 use common::domain::PublicKeyPem;
-use events::Request;
+use functions::api_event::ApiEvent;
 use report::{Samples, Table, bytes, mib, ms, us};
 use runtime_api::{Report, RuntimeApi};
 use serde_json::{Value, json};
@@ -193,7 +192,7 @@ async fn call(state: &'static AppState, function: &'static str, event: &str) -> 
     (response.status().as_u16(), text)
 }
 
-async fn call_ok(state: &'static AppState, request: Request, expect: u16) -> Value {
+async fn call_ok(state: &'static AppState, request: ApiEvent, expect: u16) -> Value {
     let (function, event) = request.event();
     let (status, text) = call(state, function, &event).await;
     assert_eq!(status, expect, "{function}: {text}");
@@ -221,8 +220,8 @@ struct Fixture {
 async fn register(state: &'static AppState, name: &str) -> Uuid {
     let body = call_ok(
         state,
-        Request::new("POST", "/register")
-            .source_ip(next_ip())
+        ApiEvent::new("POST", "/register")
+            .source_ip(&next_ip())
             .json(json!({"name": name, "password": PASSWORD, "public_key": ED25519})),
         201,
     )
@@ -264,7 +263,7 @@ async fn setup(state: &'static AppState, state4: &'static AppState) -> Fixture {
     let bob_token = state.jwt.issue(bob).unwrap().access_token;
     let alice_token = state.jwt.issue(alice).unwrap().access_token;
     let send = |to: Uuid| {
-        Request::new("POST", "/messages")
+        ApiEvent::new("POST", "/messages")
             .bearer(&bob_token)
             .json(json!({"recipient_id": to, "encrypted_data": ciphertext_b64}))
     };
@@ -276,7 +275,7 @@ async fn setup(state: &'static AppState, state4: &'static AppState) -> Fixture {
     let confirmed_id: Uuid = sent["id"].as_str().unwrap().parse().unwrap();
     call_ok(
         state4,
-        Request::new("PUT", format!("/messages/{confirmed_id}/delivered")).bearer(&alice_token),
+        ApiEvent::new("PUT", format!("/messages/{confirmed_id}/delivered")).bearer(&alice_token),
         204,
     )
     .await;
@@ -317,7 +316,7 @@ enum Sql {
 
 struct Case {
     label: &'static str,
-    request: Request,
+    request: ApiEvent,
     status: u16,
     sql: Sql,
     /// Runs iterations / this (big writes fill the database quickly).
@@ -329,28 +328,28 @@ fn cases(fx: &Fixture) -> Vec<Case> {
     vec![
         Case {
             label: "GET /me",
-            request: Request::new("GET", "/me").bearer(t),
+            request: ApiEvent::new("GET", "/me").bearer(t),
             status: 200,
             sql: Sql::Me,
             divisor: 1,
         },
         Case {
             label: "GET /public-key/{id}",
-            request: Request::new("GET", format!("/public-key/{}", fx.bob)).bearer(t),
+            request: ApiEvent::new("GET", format!("/public-key/{}", fx.bob)).bearer(t),
             status: 200,
             sql: Sql::PublicKey,
             divisor: 1,
         },
         Case {
             label: "GET /users?name=",
-            request: Request::new("GET", format!("/users?name={}", fx.bob_name)).bearer(t),
+            request: ApiEvent::new("GET", format!("/users?name={}", fx.bob_name)).bearer(t),
             status: 200,
             sql: Sql::Lookup,
             divisor: 1,
         },
         Case {
             label: "PUT /update-key",
-            request: Request::new("PUT", "/update-key")
+            request: ApiEvent::new("PUT", "/update-key")
                 .bearer(t)
                 .json(json!({"public_key": ED25519})),
             status: 200,
@@ -359,7 +358,7 @@ fn cases(fx: &Fixture) -> Vec<Case> {
         },
         Case {
             label: "POST /messages (1 KiB)",
-            request: Request::new("POST", "/messages")
+            request: ApiEvent::new("POST", "/messages")
                 .bearer(t)
                 .json(json!({"recipient_id": fx.carol, "encrypted_data": fx.ciphertext_b64})),
             status: 201,
@@ -368,7 +367,7 @@ fn cases(fx: &Fixture) -> Vec<Case> {
         },
         Case {
             label: "POST /messages (60 KiB)",
-            request: Request::new("POST", "/messages").bearer(t).json(
+            request: ApiEvent::new("POST", "/messages").bearer(t).json(
                 json!({"recipient_id": fx.carol, "encrypted_data": B64.encode(&fx.big_ciphertext)}),
             ),
             status: 201,
@@ -377,14 +376,14 @@ fn cases(fx: &Fixture) -> Vec<Case> {
         },
         Case {
             label: "GET /messages (10 x 1 KiB)",
-            request: Request::new("GET", "/messages").bearer(t),
+            request: ApiEvent::new("GET", "/messages").bearer(t),
             status: 200,
             sql: Sql::Page,
             divisor: 1,
         },
         Case {
             label: "PUT /messages/{id}/delivered",
-            request: Request::new("PUT", format!("/messages/{}/delivered", fx.confirmed_id))
+            request: ApiEvent::new("PUT", format!("/messages/{}/delivered", fx.confirmed_id))
                 .bearer(t),
             status: 204,
             sql: Sql::Confirm,
@@ -392,21 +391,21 @@ fn cases(fx: &Fixture) -> Vec<Case> {
         },
         Case {
             label: "GET /health",
-            request: Request::new("GET", "/health"),
+            request: ApiEvent::new("GET", "/health"),
             status: 200,
             sql: Sql::Nothing,
             divisor: 1,
         },
         Case {
             label: "GET /health/ready",
-            request: Request::new("GET", "/health/ready"),
+            request: ApiEvent::new("GET", "/health/ready"),
             status: 200,
             sql: Sql::Ready,
             divisor: 1,
         },
         Case {
             label: "GET /metrics",
-            request: Request::new("GET", "/metrics"),
+            request: ApiEvent::new("GET", "/metrics"),
             status: 200,
             sql: Sql::Metrics,
             divisor: 1,
@@ -582,8 +581,6 @@ async fn micro(
     iterations: usize,
     database_url: &str,
 ) -> Table {
-    use lambda_http::aws_lambda_events::apigw::{ApiGatewayProxyRequest, ApiGatewayV2httpRequest};
-    use lambda_http::request::LambdaRequest;
     let time = |f: &dyn Fn()| {
         let mut v = Vec::with_capacity(iterations);
         for i in 0..iterations + iterations / 10 {
@@ -599,11 +596,11 @@ async fn micro(
     for (label, request) in [
         (
             "GET /me",
-            Request::new("GET", "/me").bearer(&fx.alice_token),
+            ApiEvent::new("GET", "/me").bearer(&fx.alice_token),
         ),
         (
             "POST /messages (1 KiB)",
-            Request::new("POST", "/messages")
+            ApiEvent::new("POST", "/messages")
                 .bearer(&fx.alice_token)
                 .json(json!({"recipient_id": fx.carol, "encrypted_data": fx.ciphertext_b64})),
         ),
@@ -613,14 +610,6 @@ async fn micro(
         let current = time(&|| {
             std::hint::black_box(lambda_http::request::from_str(event).unwrap());
         });
-        let typed = time(&|| {
-            let v2: ApiGatewayV2httpRequest = serde_json::from_str(event).unwrap();
-            let request: lambda_http::Request = LambdaRequest::ApiGatewayV2(v2).into();
-            std::hint::black_box(request);
-        });
-        let v1 = time(&|| {
-            std::hint::black_box(serde_json::from_str::<ApiGatewayProxyRequest>(event).is_err());
-        });
         parse_rows.push(vec![
             format!(
                 "event parse {label} ({} B): lambda_http::request::from_str",
@@ -628,16 +617,6 @@ async fn micro(
             ),
             us(current.p50()),
             us(current.p99()),
-        ]);
-        parse_rows.push(vec![
-            format!("  of which the failed REST (v1) attempt ({label})"),
-            us(v1.p50()),
-            us(v1.p99()),
-        ]);
-        parse_rows.push(vec![
-            format!("  typed v2 parse + into Request ({label})"),
-            us(typed.p50()),
-            us(typed.p99()),
         ]);
     }
     let mut jwt = Vec::with_capacity(iterations);
@@ -782,29 +761,29 @@ fn stop(mut child: std::process::Child) {
 fn event_for(function: &str, fx: &Fixture, n: usize, warm: bool) -> (String, u16) {
     let t = fx.alice_token.as_str();
     let request = match function {
-        "register" => Request::new("POST", "/register").source_ip(next_ip()).json(
+        "register" => ApiEvent::new("POST", "/register").source_ip(&next_ip()).json(
             json!({"name": fresh_name(&format!("r{n}x")), "password": PASSWORD, "public_key": ED25519}),
         ),
         "login" => {
             let name = if warm { &fx.login_4 } else { &fx.login_cfg };
-            Request::new("POST", "/login").json(json!({"name": name, "password": PASSWORD}))
+            ApiEvent::new("POST", "/login").json(json!({"name": name, "password": PASSWORD}))
         }
-        "me" => Request::new("GET", "/me").bearer(t),
-        "get-public-key" => Request::new("GET", format!("/public-key/{}", fx.bob)).bearer(t),
-        "update-key" => Request::new("PUT", "/update-key")
+        "me" => ApiEvent::new("GET", "/me").bearer(t),
+        "get-public-key" => ApiEvent::new("GET", format!("/public-key/{}", fx.bob)).bearer(t),
+        "update-key" => ApiEvent::new("PUT", "/update-key")
             .bearer(t)
             .json(json!({"public_key": ED25519})),
-        "lookup-user" => Request::new("GET", format!("/users?name={}", fx.bob_name)).bearer(t),
-        "health" => Request::new("GET", "/health/ready"),
-        "send-message" => Request::new("POST", "/messages")
+        "lookup-user" => ApiEvent::new("GET", format!("/users?name={}", fx.bob_name)).bearer(t),
+        "health" => ApiEvent::new("GET", "/health/ready"),
+        "send-message" => ApiEvent::new("POST", "/messages")
             .bearer(t)
             .json(json!({"recipient_id": fx.carol, "encrypted_data": fx.ciphertext_b64})),
-        "get-messages" => Request::new("GET", "/messages").bearer(t),
+        "get-messages" => ApiEvent::new("GET", "/messages").bearer(t),
         "confirm-delivery" => {
-            Request::new("PUT", format!("/messages/{}/delivered", fx.confirmed_id)).bearer(t)
+            ApiEvent::new("PUT", format!("/messages/{}/delivered", fx.confirmed_id)).bearer(t)
         }
-        "metrics" => Request::new("GET", "/metrics"),
-        "not-found" => Request::new("GET", "/nowhere"),
+        "metrics" => ApiEvent::new("GET", "/metrics"),
+        "not-found" => ApiEvent::new("GET", "/nowhere"),
         "purge" => return (EVENTBRIDGE.to_string(), 0),
         other => panic!("no event for {other}"),
     };
@@ -1085,7 +1064,7 @@ async fn bcrypt_table(
     state4: &'static AppState,
     fx: &Fixture,
 ) -> Table {
-    let time = |state: &'static AppState, request: Request, expect: u16| async move {
+    let time = |state: &'static AppState, request: ApiEvent, expect: u16| async move {
         let (function, event) = request.event();
         let started = Instant::now();
         let (status, text) = call(state, function, &event).await;
@@ -1094,11 +1073,11 @@ async fn bcrypt_table(
         elapsed
     };
     let login = |name: &str| {
-        Request::new("POST", "/login").json(json!({"name": name, "password": PASSWORD}))
+        ApiEvent::new("POST", "/login").json(json!({"name": name, "password": PASSWORD}))
     };
     let register = || {
-        Request::new("POST", "/register")
-            .source_ip(next_ip())
+        ApiEvent::new("POST", "/register")
+            .source_ip(&next_ip())
             .json(json!({"name": fresh_name("bc"), "password": PASSWORD, "public_key": ED25519}))
     };
     let mut t = Table::new(
@@ -1219,7 +1198,8 @@ async fn machine(pool: &PgPool) {
 
 // ------------------------------------------------------------------ main
 
-#[tokio::main]
+// The functions' own runtime flavour, so in-process figures match what Lambda runs.
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     let settings = Settings::from_env();
     if cfg!(debug_assertions) {
@@ -1500,7 +1480,7 @@ async fn phase3(settings: &Settings, fx: &Fixture, functions_all: &[&str], pool:
         size_table.row(row);
     }
     size_table.note("warm invoke = event queued on the Runtime API -> response received: the whole instance loop (HTTP to the runtime API, parse, handler, SQL, response JSON)");
-    size_table.note("CPU us/invoke = the function process's CPU time over the warm invocations / their number (all threads, /proc schedstat); ctx sw = its threads' context switches per invocation; DB conns = connections it holds at the end (pool max 2)");
+    size_table.note("CPU us/invoke = the function process's CPU time over the warm invocations / their number (all threads, /proc schedstat); ctx sw = its threads' context switches per invocation; DB conns = connections it holds at the end (DB_MAX_CONNECTIONS, default 1)");
     size_table.note("these instances run with BCRYPT_COST=4 (register makes 1,000 accounts); login's user is hashed at cost 4");
     size_table.note(&format!(
         "target: each stripped binary < 8 MB. Largest: {} bytes ({} MiB)",

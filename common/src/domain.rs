@@ -213,6 +213,11 @@ pub fn encode_ciphertext(bytes: &[u8]) -> String {
     BASE64.encode(bytes)
 }
 
+/// Appends the base64 of `bytes` to `out` (no intermediate string, for large pages).
+pub fn encode_ciphertext_into(bytes: &[u8], out: &mut String) {
+    BASE64.encode_string(bytes, out);
+}
+
 /// `limit` for message paging: 1..=500, default 100. Not a plain decimal integer (`ten`, `+5`,
 /// `1.5`) is 400; an integer out of range (however large) is 422.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,6 +14,11 @@ use crate::jwt::JwtKeys;
 pub fn json_response<T: Serialize + ?Sized>(status: StatusCode, body: &T) -> Response<Body> {
     let text = serde_json::to_string(body)
         .unwrap_or_else(|_| r#"{"error":"internal","message":"internal error"}"#.into());
+    json_text_response(status, text)
+}
+
+/// A response whose body is already JSON text.
+pub fn json_text_response(status: StatusCode, text: String) -> Response<Body> {
     let mut response = Response::new(Body::Text(text));
     *response.status_mut() = status;
     response.headers_mut().insert(

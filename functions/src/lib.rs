@@ -1,6 +1,7 @@
 //! The Secure Messenger functions: one handler module per Lambda binary (`src/bin/<name>.rs`),
 //! compiled once as this library so the binaries only link it.
 
+pub mod api_event;
 pub mod confirm_delivery;
 pub mod get_messages;
 pub mod get_public_key;

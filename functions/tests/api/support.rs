@@ -7,13 +7,13 @@ use std::collections::HashMap;
 use common::AppState;
 use common::config::Config;
 use common::db::Database;
-use functions::routes;
+use functions::api_event::{ApiEvent, DEFAULT_SOURCE_IP};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
 pub const JWT_SECRET: &str = "integration-test-secret-0123456789abcdef";
 pub const PASSWORD: &str = "correct horse battery staple";
-pub const CLIENT_IP: &str = "203.0.113.7";
+pub const CLIENT_IP: &str = DEFAULT_SOURCE_IP;
 
 pub fn key(name: &str) -> String {
     std::fs::read_to_string(format!(
@@ -70,11 +70,7 @@ impl TestApp {
     pub fn request(&self, method: &str, path_and_query: &str) -> RequestBuilder<'_> {
         RequestBuilder {
             app: self,
-            method: method.to_string(),
-            path_and_query: path_and_query.to_string(),
-            headers: vec![("content-type".into(), "application/json".into())],
-            body: None,
-            source_ip: CLIENT_IP.to_string(),
+            event: ApiEvent::new(method, path_and_query).header("content-type", "application/json"),
         }
     }
 
@@ -106,13 +102,10 @@ impl TestApp {
     }
 }
 
+/// A request as API Gateway would deliver it (`ApiEvent`), sent to this app's state.
 pub struct RequestBuilder<'a> {
     app: &'a TestApp,
-    method: String,
-    path_and_query: String,
-    headers: Vec<(String, String)>,
-    body: Option<String>,
-    source_ip: String,
+    event: ApiEvent,
 }
 
 #[derive(Debug)]
@@ -147,19 +140,17 @@ impl TestResponse {
 
 impl RequestBuilder<'_> {
     pub fn json(mut self, body: Value) -> Self {
-        self.body = Some(body.to_string());
+        self.event = self.event.json(body);
         self
     }
 
     pub fn raw_body(mut self, body: &str) -> Self {
-        self.body = Some(body.to_string());
+        self.event = self.event.raw_body(body);
         self
     }
 
     pub fn header(mut self, name: &str, value: &str) -> Self {
-        self.headers.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
-        self.headers
-            .push((name.to_ascii_lowercase(), value.to_string()));
+        self.event = self.event.header(name, value);
         self
     }
 
@@ -168,84 +159,13 @@ impl RequestBuilder<'_> {
     }
 
     pub fn with_source_ip(mut self, ip: &str) -> Self {
-        self.source_ip = ip.to_string();
+        self.event = self.event.source_ip(ip);
         self
     }
 
-    /// The event API Gateway would send for this request (payload format 2.0).
-    pub fn event(&self) -> (Value, &'static str) {
-        let (path, query) = self
-            .path_and_query
-            .split_once('?')
-            .unwrap_or((&self.path_and_query, ""));
-        let (route_key, function, path_params) = match routes::find(&self.method, path) {
-            Ok(m) => (
-                format!("{} {}", m.method, m.template),
-                m.function,
-                Some(m.params.into_iter().collect::<HashMap<_, _>>()),
-            ),
-            Err(_) => ("$default".to_string(), "not-found", None),
-        };
-        let mut query_params: HashMap<String, String> = HashMap::new();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let v = v.replace('+', " ");
-            let v = percent_decode(&v);
-            query_params
-                .entry(k.to_string())
-                .and_modify(|e| {
-                    e.push(',');
-                    e.push_str(&v)
-                })
-                .or_insert(v);
-        }
-        let headers: HashMap<&str, &str> = self
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        let mut event = json!({
-            "version": "2.0",
-            "routeKey": route_key,
-            "rawPath": path,
-            "rawQueryString": query,
-            "headers": headers,
-            "requestContext": {
-                "accountId": "123456789012",
-                "apiId": "testapi",
-                "domainName": "testapi.execute-api.eu-west-1.amazonaws.com",
-                "domainPrefix": "testapi",
-                "http": {
-                    "method": self.method,
-                    "path": path,
-                    "protocol": "HTTP/1.1",
-                    "sourceIp": self.source_ip,
-                    "userAgent": "integration-test"
-                },
-                "requestId": "test-request",
-                "routeKey": route_key,
-                "stage": "$default",
-                "time": "28/Nov/2026:12:00:00 +0000",
-                "timeEpoch": 1_795_867_200_000u64
-            },
-            "isBase64Encoded": false
-        });
-        if !query_params.is_empty() {
-            event["queryStringParameters"] = json!(query_params);
-        }
-        if let Some(params) = path_params.filter(|p| !p.is_empty()) {
-            event["pathParameters"] = json!(params);
-        }
-        if let Some(body) = &self.body {
-            event["body"] = json!(body);
-        }
-        (event, function)
-    }
-
     pub async fn send(self) -> TestResponse {
-        let (event, function) = self.event();
-        let request = lambda_http::request::from_str(&event.to_string())
-            .expect("a valid API Gateway v2 event");
+        let (function, event) = self.event.event();
+        let request = lambda_http::request::from_str(&event).expect("a valid API Gateway v2 event");
         let state = self.app.state;
         let response = common::runtime::respond(function, state, request, move |state, request| {
             functions::dispatch(function, state, request)
@@ -267,23 +187,4 @@ impl RequestBuilder<'_> {
             body,
         }
     }
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16)
-        {
-            out.push(b);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
