@@ -439,24 +439,21 @@ async fn run_sql(sql: Sql, pool: &PgPool, fx: &Fixture, ttl: f64) -> Option<()> 
             .fetch_optional(pool)
             .await
             .map(drop),
-        Sql::Send => sqlx::query(functions::send_message::INSERT_SQL)
-            .bind(Uuid::now_v7())
-            .bind(fx.alice)
-            .bind(fx.carol)
-            .bind(fx.ciphertext.as_slice())
-            .bind(ttl)
-            .fetch_optional(pool)
-            .await
-            .map(drop),
-        Sql::SendBig => sqlx::query(functions::send_message::INSERT_SQL)
-            .bind(Uuid::now_v7())
-            .bind(fx.alice)
-            .bind(fx.carol)
-            .bind(fx.big_ciphertext.as_slice())
-            .bind(ttl)
-            .fetch_optional(pool)
-            .await
-            .map(drop),
+        Sql::Send | Sql::SendBig => {
+            let ciphertext = match sql {
+                Sql::SendBig => &fx.big_ciphertext,
+                _ => &fx.ciphertext,
+            };
+            sqlx::query(functions::send_message::INSERT_SQL)
+                .bind(Uuid::now_v7())
+                .bind(fx.alice)
+                .bind(fx.carol)
+                .bind(ciphertext.as_slice())
+                .bind(ttl)
+                .fetch_optional(pool)
+                .await
+                .map(drop)
+        }
         Sql::Page => sqlx::query(functions::get_messages::PAGE_SQL)
             .bind(fx.alice)
             .bind(Uuid::nil())

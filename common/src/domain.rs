@@ -209,10 +209,6 @@ impl Ciphertext {
     }
 }
 
-pub fn encode_ciphertext(bytes: &[u8]) -> String {
-    BASE64.encode(bytes)
-}
-
 /// Appends the base64 of `bytes` to `out` (no intermediate string, for large pages).
 pub fn encode_ciphertext_into(bytes: &[u8], out: &mut String) {
     BASE64.encode_string(bytes, out);

@@ -154,8 +154,9 @@ impl RequestBuilder<'_> {
         self
     }
 
-    pub fn bearer(self, token: &str) -> Self {
-        self.header("authorization", &format!("Bearer {token}"))
+    pub fn bearer(mut self, token: &str) -> Self {
+        self.event = self.event.bearer(token);
+        self
     }
 
     pub fn with_source_ip(mut self, ip: &str) -> Self {
