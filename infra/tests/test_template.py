@@ -30,10 +30,14 @@ API_MD = Path(os.environ.get("API_MD", REPO.parent / "shared" / "API.md"))
 # Every Lambda binary of the `functions` crate (issue 4), and the ones that never touch the DB.
 EXPECTED_BINARIES = {
     "register", "login", "me", "get-public-key", "update-key", "lookup-user", "health",
-    "send-message", "get-messages", "confirm-delivery", "metrics", "not-found", "purge", "migrate",
+    "send-message", "get-messages", "confirm-delivery", "confirm-deliveries", "delete-account",
+    "metrics", "not-found", "purge", "migrate",
 }
 NO_DATABASE = {"not-found"}
-BCRYPT_FUNCTIONS = {"register", "login"}
+BCRYPT_FUNCTIONS = {"register", "login", "delete-account"}
+# API.md's CORS section: the request headers the contract uses, the response headers it exposes.
+CORS_ALLOW_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key"]
+CORS_EXPOSE_HEADERS = ["Idempotent-Replayed", "Retry-After", "WWW-Authenticate"]
 
 # Variables the shared Config reads beyond API.md's table (AWS_REGION is set by Lambda).
 CONFIG_EXTENSIONS = {
@@ -362,7 +366,8 @@ class TranslatedTemplate(unittest.TestCase):
         api = next(iter(resources(translated(), "AWS::ApiGatewayV2::Api").values()))
         cors = api["Properties"]["Body"]["x-amazon-apigateway-cors"]
         self.assertTrue(is_ref(cors.get("allowOrigins"), "CorsAllowedOrigins"), cors)
-        self.assertEqual(sorted(cors.get("allowHeaders", [])), ["Authorization", "Content-Type"])
+        self.assertEqual(sorted(cors.get("allowHeaders", [])), CORS_ALLOW_HEADERS)
+        self.assertEqual(sorted(cors.get("exposeHeaders", [])), CORS_EXPOSE_HEADERS)
         self.assertTrue(cors.get("allowMethods"), cors)
 
 
@@ -413,7 +418,11 @@ class CorsNeverWildcard(unittest.TestCase):
 
     def test_headers_and_methods(self):
         cors = cors_settings()
-        self.assertEqual(sorted(cors.get("allowHeaders", [])), ["Authorization", "Content-Type"])
+        self.assertEqual(sorted(cors.get("allowHeaders", [])), CORS_ALLOW_HEADERS)
+        self.assertEqual(sorted(cors.get("exposeHeaders", [])), CORS_EXPOSE_HEADERS)
+        text = API_MD.read_text(encoding="utf-8")
+        for header in CORS_ALLOW_HEADERS + CORS_EXPOSE_HEADERS:
+            self.assertIn(f"`{header}`", text, "the contract's CORS section names it")
         used = {m for m, _, _ in template_routes()[0]}
         self.assertEqual(set(cors.get("allowMethods", [])) - {"OPTIONS"}, used)
         self.assertFalse(cors.get("allowCredentials", False))
