@@ -8,6 +8,7 @@
 mod abuse;
 mod accounts;
 mod faults;
+mod guarantees;
 mod messaging;
 mod operations;
 mod queries;

@@ -105,6 +105,17 @@ impl TestApp {
     }
 }
 
+/// An instance's connections close when the test is done with it, so the harness can drop the
+/// test's database at once (PostgreSQL waits 5 s for sessions still connected, then gives up).
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        let pool = self.state.pool().clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { pool.close().await });
+        }
+    }
+}
+
 /// A request as API Gateway would deliver it (`ApiEvent`), sent to this app's state.
 pub struct RequestBuilder<'a> {
     app: &'a TestApp,
