@@ -55,7 +55,8 @@ fn preflight(
             headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, value);
             headers.insert(
                 header::ACCESS_CONTROL_ALLOW_HEADERS,
-                HeaderValue::from_static("authorization, content-type"),
+                // API.md "CORS": the request headers the contract uses.
+                HeaderValue::from_static("authorization, content-type, idempotency-key"),
             );
             headers.insert(
                 header::ACCESS_CONTROL_MAX_AGE,
