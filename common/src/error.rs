@@ -147,7 +147,8 @@ impl ApiError {
         let mut response = crate::http::json_response(self.status(), &body);
         let headers = response.headers_mut();
         match self {
-            Self::Unauthorized => {
+            // API.md: every 401 carries the challenge (RFC 9110), invalid_credentials too.
+            Self::Unauthorized | Self::InvalidCredentials => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             Self::RateLimited {
