@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make setup-roles`: creates the two database roles once (infra/README.md step 2), from your
+# `make setup-roles`: creates the two database roles once (infra/README.md step 3), from your
 # workstation, with nothing inside the VPC but the app stack's setup-roles function:
 #   1. reads the master user's password from Secrets Manager (public endpoint, from here);
 #   2. downloads the RDS CA bundle of the region (for verify-full TLS to the instance);

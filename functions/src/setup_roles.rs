@@ -1,4 +1,4 @@
-//! One-time database role setup inside the VPC (infra/README.md, step 2): runs
+//! One-time database role setup inside the VPC (infra/README.md, step 3): runs
 //! infra/create-db-user.sql as the RDS master user, so no workstation ever has to be inside the
 //! VPC. `make setup-roles` invokes it with the master password and the RDS CA bundle in the
 //! payload; the function has no IAM permission to read any secret itself, and the network needs

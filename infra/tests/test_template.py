@@ -32,6 +32,10 @@ EXPECTED_BINARIES = {
     "register", "login", "me", "get-public-key", "update-key", "lookup-user", "health",
     "send-message", "get-messages", "confirm-delivery", "metrics", "not-found", "purge", "migrate",
 }
+# The one-shot operator function (infra/README.md step 3): no route, no trigger, no IAM
+# database access (it logs in once as the master user, with the password in its payload).
+SETUP_FUNCTION = "setup-roles"
+EXPECTED_BINARIES = EXPECTED_BINARIES | {SETUP_FUNCTION}
 NO_DATABASE = {"not-found"}
 BCRYPT_FUNCTIONS = {"register", "login"}
 
@@ -297,7 +301,7 @@ class IamIsLeastPrivilege(unittest.TestCase):
             logical_id, fn = function_by_binary(binary)
             refs = {p["Ref"] for p in fn.get("Properties", {}).get("Policies", []) or [] if is_ref(p)}
             with self.subTest(binary=binary):
-                if binary in NO_DATABASE:
+                if binary in NO_DATABASE or binary == SETUP_FUNCTION:
                     self.assertEqual(refs, set())
                 elif binary == "migrate":
                     self.assertEqual(refs, {"DbMigrateConnectPolicy"})
@@ -362,7 +366,8 @@ class TranslatedTemplate(unittest.TestCase):
         api = next(iter(resources(translated(), "AWS::ApiGatewayV2::Api").values()))
         cors = api["Properties"]["Body"]["x-amazon-apigateway-cors"]
         self.assertTrue(is_ref(cors.get("allowOrigins"), "CorsAllowedOrigins"), cors)
-        self.assertEqual(sorted(cors.get("allowHeaders", [])), ["Authorization", "Content-Type"])
+        self.assertEqual(sorted(cors.get("allowHeaders", [])), sorted(contract_cors()["allowHeaders"]))
+        self.assertTrue({"Authorization", "Content-Type"} <= set(cors.get("allowHeaders", [])))
         self.assertTrue(cors.get("allowMethods"), cors)
 
 
@@ -383,6 +388,21 @@ def cors_settings() -> dict:
         assert isinstance(c, dict), "CorsConfiguration: true means `*`"
         return {k[0].lower() + k[1:]: v for k, v in c.items()}
     return props.get("DefinitionBody", {}).get("x-amazon-apigateway-cors", {})
+
+
+def contract_cors() -> dict[str, list[str]]:
+    """API.md "## CORS": the request headers a preflight allows and the exposed response headers."""
+    text = API_MD.read_text(encoding="utf-8")
+    section = re.search(r"^## CORS\n(.*?)(?=^## )", text, re.M | re.S)
+    assert section, "API.md has no CORS section"
+    body = " ".join(section.group(1).split())
+    allowed = re.search(r"request headers[^(]*\(([^)]*)\)", body)
+    exposed = re.search(r"exposed response headers ((?:`[^`]+`(?:, | and )?)+)", body)
+    assert allowed and exposed, body
+    return {
+        "allowHeaders": re.findall(r"`([^`]+)`", allowed.group(1)),
+        "exposeHeaders": re.findall(r"`([^`]+)`", exposed.group(1)),
+    }
 
 
 class CorsNeverWildcard(unittest.TestCase):
@@ -413,7 +433,8 @@ class CorsNeverWildcard(unittest.TestCase):
 
     def test_headers_and_methods(self):
         cors = cors_settings()
-        self.assertEqual(sorted(cors.get("allowHeaders", [])), ["Authorization", "Content-Type"])
+        self.assertEqual(sorted(cors.get("allowHeaders", [])), sorted(contract_cors()["allowHeaders"]))
+        self.assertTrue({"Authorization", "Content-Type"} <= set(cors.get("allowHeaders", [])))
         used = {m for m, _, _ in template_routes()[0]}
         self.assertEqual(set(cors.get("allowMethods", [])) - {"OPTIONS"}, used)
         self.assertFalse(cors.get("allowCredentials", False))
@@ -550,7 +571,10 @@ class SecretsAreReferences(unittest.TestCase):
         envs = [("Globals", template()["Globals"]["Function"]["Environment"]["Variables"])]
         envs += [(k, f["Properties"].get("Environment", {}).get("Variables", {})) for k, f in functions().items()]
         self.assertIn("JWT_SECRET", envs[0][1])
-        self.assertIn("METRICS_TOKEN", envs[0][1])
+        # METRICS_TOKEN goes to `metrics` alone (test_translated checks every function).
+        _, metrics = function_by_binary("metrics")
+        self.assertIn("METRICS_TOKEN", metrics["Properties"]["Environment"]["Variables"])
+        self.assertNotIn("METRICS_TOKEN", envs[0][1])
         for where, variables in envs:
             for var in ("JWT_SECRET", "METRICS_TOKEN"):
                 if var not in variables:

@@ -1,4 +1,4 @@
-//! Creates the two database roles once, from inside the VPC (infra/README.md, step 2:
+//! Creates the two database roles once, from inside the VPC (infra/README.md, step 3:
 //! `make setup-roles`). Not an HTTP function and not routed; invoked by hand only.
 
 use functions::setup_roles::{self, SetupRequest};
