@@ -428,7 +428,7 @@ class RoleSetupWorksInThisNetwork(unittest.TestCase):
                        "truststore.pki.rds.amazonaws.com", "fileb://"):
             self.assertIn(needle, script)
         readme = README.read_text(encoding="utf-8")
-        step2 = re.search(r"^### 2\..*?(?=^### 3\.)", readme, re.M | re.S).group(0)
+        step2 = re.search(r"^### \d\. Create the database roles.*?(?=^### )", readme, re.M | re.S).group(0)
         self.assertIn("make setup-roles", step2)
         for impossible in ("CloudShell VPC environment", "Session Manager", "psql \"host"):
             self.assertNotIn(impossible, step2)
