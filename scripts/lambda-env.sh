@@ -13,6 +13,8 @@ declare -A defaults=(
     [JWT_SECRET]="$(cat .local/dev-jwt-secret)"
     # Local default only: cost 10 keeps a debug-build login near 0.2 s (12 in AWS).
     [BCRYPT_COST]=10
+    # A web client's usual local origin, so preflights can be tried locally (make smoke does).
+    [CORS_ALLOWED_ORIGINS]=http://localhost:3000
     [RUST_LOG]=info
 )
 vars=(DATABASE_URL DB_HOST DB_PORT DB_NAME DB_USER DB_IAM_AUTH DB_SSL_MODE DB_SSL_ROOT_CERT

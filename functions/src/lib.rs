@@ -20,6 +20,7 @@ pub mod rate_limit;
 pub mod register;
 pub mod routes;
 pub mod send_message;
+pub mod setup_roles;
 pub mod update_key;
 pub mod users;
 

@@ -228,12 +228,10 @@ async fn cors_answers_only_named_origins(pool: PgPool) {
         r.headers["access-control-allow-methods"],
         "POST, GET, OPTIONS"
     );
-    assert!(
-        r.headers["access-control-allow-headers"]
-            .to_str()
-            .unwrap()
-            .contains("authorization")
-    );
+    let allowed = r.headers["access-control-allow-headers"].to_str().unwrap();
+    for name in ["authorization", "content-type", "idempotency-key"] {
+        assert!(allowed.contains(name), "{name} missing from {allowed}");
+    }
     let r = app
         .request("OPTIONS", "/messages")
         .header("origin", "https://evil.example")
