@@ -263,8 +263,8 @@ async fn setup(state: &'static AppState, state4: &'static AppState) -> Fixture {
         .map(|i| (i * 131 % 251) as u8)
         .collect();
     let ciphertext_b64 = B64.encode(&ciphertext);
-    let bob_token = state.jwt.issue(bob).unwrap().access_token;
-    let alice_token = state.jwt.issue(alice).unwrap().access_token;
+    let bob_token = state.jwt().unwrap().issue(bob).unwrap().access_token;
+    let alice_token = state.jwt().unwrap().issue(alice).unwrap().access_token;
     let send = |to: Uuid| {
         ApiEvent::new("POST", "/messages")
             .bearer(&bob_token)
@@ -636,7 +636,7 @@ async fn micro(
     let mut log = Vec::with_capacity(iterations);
     for _ in 0..iterations + iterations / 10 {
         let started = Instant::now();
-        let claims = state.jwt.verify(&fx.alice_token).expect("valid token");
+        let claims = state.jwt().unwrap().verify(&fx.alice_token).expect("valid token");
         jwt.push(started.elapsed());
         std::hint::black_box(claims);
         // The same event respond() logs per request.

@@ -13,7 +13,9 @@ pub const MAX_MESSAGE_BYTES_LIMIT: usize = 4 * 1024 * 1024;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub database: DatabaseConfig,
-    pub jwt_secret: Secret<String>,
+    /// Only functions that issue or verify access tokens get it (template.yaml); they require
+    /// it at init (`Config::require_jwt_secret`), the others start without it.
+    pub jwt_secret: Option<Secret<String>>,
     pub jwt_ttl_seconds: u64,
     pub jwt_issuer: String,
     pub jwt_audience: String,
@@ -92,20 +94,20 @@ impl Config {
     /// Reads through `lookup` so tests can configure without touching the process environment.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let env = Env(&lookup);
-        let jwt_secret = env.get("JWT_SECRET").ok_or(ConfigError::Missing(
-            "JWT_SECRET (an HS256 key of at least 32 bytes)",
-        ))?;
-        if jwt_secret.len() < 32 {
+        let jwt_secret = env.get("JWT_SECRET");
+        if let Some(secret) = &jwt_secret
+            && secret.len() < 32
+        {
             return Err(invalid(
                 "JWT_SECRET",
-                format!("must be at least 32 bytes, got {}", jwt_secret.len()),
+                format!("must be at least 32 bytes, got {}", secret.len()),
             ));
         }
         let max_message_bytes =
             env.number("MAX_MESSAGE_BYTES", 65_536, 1, MAX_MESSAGE_BYTES_LIMIT)?;
         Ok(Self {
             database: DatabaseConfig::from_env(&env)?,
-            jwt_secret: Secret::new(jwt_secret),
+            jwt_secret: jwt_secret.map(Secret::new),
             jwt_ttl_seconds: env.number("JWT_TTL_SECONDS", 900, 1, 86_400)?,
             jwt_issuer: env
                 .get("JWT_ISSUER")
@@ -149,6 +151,16 @@ impl Config {
             )?,
             metrics_token: env.get("METRICS_TOKEN").map(Secret::new),
         })
+    }
+
+    /// For functions that issue or verify access tokens: start-up fails without `JWT_SECRET`.
+    pub fn require_jwt_secret(&self) -> Result<(), ConfigError> {
+        match self.jwt_secret {
+            Some(_) => Ok(()),
+            None => Err(ConfigError::Missing(
+                "JWT_SECRET (an HS256 key of at least 32 bytes)",
+            )),
+        }
     }
 
     /// Whether CORS allows this `Origin` value (a trailing slash is ignored, as in the list).
@@ -339,9 +351,12 @@ mod tests {
     }
 
     #[test]
-    fn jwt_secret_is_required_and_long_enough() {
-        let err = config(&[URL]).unwrap_err();
+    fn jwt_secret_is_required_where_tokens_are_used_and_long_enough() {
+        let without = config(&[URL]).unwrap();
+        assert!(without.jwt_secret.is_none());
+        let err = without.require_jwt_secret().unwrap_err();
         assert!(err.to_string().contains("JWT_SECRET"), "{err}");
+        assert!(config(&[SECRET, URL]).unwrap().require_jwt_secret().is_ok());
         let err = config(&[URL, ("JWT_SECRET", "short")]).unwrap_err();
         assert!(err.to_string().contains("at least 32 bytes"), "{err}");
         // The message names the rule, never the value.

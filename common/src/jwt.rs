@@ -41,22 +41,23 @@ pub struct IssuedToken {
 }
 
 impl JwtKeys {
-    pub fn new(config: &Config) -> Self {
-        let secret = config.jwt_secret.expose().as_bytes();
+    /// The keys of `JWT_SECRET`, or None for a function configured without it.
+    pub fn new(config: &Config) -> Option<Self> {
+        let secret = config.jwt_secret.as_ref()?.expose().as_bytes();
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_issuer(&[&config.jwt_issuer]);
         validation.set_audience(&[&config.jwt_audience]);
         validation.set_required_spec_claims(&["exp", "iat", "sub", "iss", "aud"]);
         validation.leeway = LEEWAY_SECONDS;
         validation.validate_nbf = true;
-        Self {
+        Some(Self {
             encoding: EncodingKey::from_secret(secret).expect(NON_EMPTY),
             decoding: DecodingKey::from_secret(secret).expect(NON_EMPTY),
             validation,
             issuer: config.jwt_issuer.clone(),
             audience: config.jwt_audience.clone(),
             ttl_seconds: config.jwt_ttl_seconds,
-        }
+        })
     }
 
     pub fn issue(&self, user_id: Uuid) -> Result<IssuedToken, ApiError> {
@@ -114,7 +115,7 @@ mod tests {
             _ => None,
         })
         .unwrap();
-        JwtKeys::new(&config)
+        JwtKeys::new(&config).expect("JWT_SECRET is set")
     }
 
     /// Signs any header and claims with HMAC-SHA256, so tests can forge tokens that jsonwebtoken

@@ -16,4 +16,4 @@ pub mod telemetry;
 
 pub use config::Config;
 pub use error::ApiError;
-pub use state::AppState;
+pub use state::{AppState, Tokens};

@@ -10,7 +10,7 @@ use lambda_http::{Body, Request, RequestExt, Response, service_fn};
 
 use crate::config::Config;
 use crate::error::ApiError;
-use crate::state::AppState;
+use crate::state::{AppState, Tokens};
 
 pub type HandlerResult = Result<Response<Body>, ApiError>;
 
@@ -20,12 +20,16 @@ pub const CORS_ALLOW_HEADERS: &str = "authorization, content-type, idempotency-k
 pub const CORS_EXPOSE_HEADERS: &str = "retry-after, www-authenticate, idempotent-replayed";
 
 /// Builds the state (failing init with a clear message when config is wrong) and serves.
-pub async fn run_http<F, Fut>(function: &'static str, handler: F) -> Result<(), lambda_http::Error>
+pub async fn run_http<F, Fut>(
+    function: &'static str,
+    tokens: Tokens,
+    handler: F,
+) -> Result<(), lambda_http::Error>
 where
     F: Fn(&'static AppState, Request) -> Fut + Sync,
     Fut: Future<Output = HandlerResult> + Send,
 {
-    let state = init(function)?;
+    let state = init(function, tokens)?;
     let handler = &handler;
     lambda_http::run(service_fn(move |request| async move {
         Ok::<_, std::convert::Infallible>(respond(function, state, request, handler).await)
@@ -34,9 +38,12 @@ where
 }
 
 /// Logging and state for any function (HTTP or not). The state lives as long as the instance.
-pub fn init(function: &'static str) -> Result<&'static AppState, lambda_http::Error> {
+pub fn init(
+    function: &'static str,
+    tokens: Tokens,
+) -> Result<&'static AppState, lambda_http::Error> {
     crate::telemetry::init();
-    match AppState::from_env() {
+    match AppState::from_env(tokens) {
         Ok(state) => Ok(Box::leak(Box::new(state))),
         Err(error) => {
             tracing::error!(function, error = %error, "start-up failed");

@@ -59,7 +59,7 @@ pub async fn confirm(
 }
 
 pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
-    let caller = authenticate(&request, &state.jwt)?;
+    let caller = authenticate(&request, state.jwt()?)?;
     let body = json_body(&request, MAX_BODY_BYTES)?;
     let raw = body.required_array("ids")?;
     if raw.is_empty() || raw.len() > MAX_IDS {

@@ -9,7 +9,7 @@ use lambda_http::Request;
 use crate::confirm_deliveries::confirm;
 
 pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
-    let caller = authenticate(&request, &state.jwt)?;
+    let caller = authenticate(&request, state.jwt()?)?;
     let raw =
         path_param(&request, "id").ok_or_else(|| ApiError::bad_field("id", "id is required"))?;
     let id = parse_id(&raw, "id")?;

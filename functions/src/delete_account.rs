@@ -16,7 +16,7 @@ pub const CALLER_SQL: &str = r#"SELECT lower(name COLLATE "C") FROM users WHERE 
 pub const DELETE_SQL: &str = "DELETE FROM users WHERE id = $1";
 
 pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
-    let caller = authenticate(&request, &state.jwt)?;
+    let caller = authenticate(&request, state.jwt()?)?;
     let body = json_body(&request, crate::MAX_ACCOUNT_BODY_BYTES)?;
     let password = Password::parse(body.required_str("password")?)?;
     let name_key: Option<String> = state

@@ -62,7 +62,7 @@ struct Row {
 }
 
 pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
-    let caller = authenticate(&request, &state.jwt)?;
+    let caller = authenticate(&request, state.jwt()?)?;
     let limit = PageLimit::parse(query_param(&request, "limit").as_deref())?;
     // Ids are UUIDv7, so id order is time order and a cursor works even once its message is gone.
     let after = match query_param(&request, "after") {

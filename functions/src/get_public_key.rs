@@ -18,7 +18,7 @@ LEFT JOIN users u ON u.id = $2
 "#;
 
 pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
-    let caller = authenticate(&request, &state.jwt)?;
+    let caller = authenticate(&request, state.jwt()?)?;
     let raw = path_param(&request, "user_id")
         .ok_or_else(|| ApiError::bad_field("user_id", "user_id is required"))?;
     let user_id = parse_id(&raw, "user_id")?;

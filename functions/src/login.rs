@@ -23,7 +23,7 @@ pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
     let password = Password::parse(body.required_str("password")?)?;
     let user_id =
         credentials::check(state, &name.key(), &password, &client_address(&request)).await?;
-    let token = state.jwt.issue(user_id)?;
+    let token = state.jwt()?.issue(user_id)?;
     Ok(json_response(
         StatusCode::OK,
         &TokenResponse {

@@ -50,7 +50,7 @@ pub fn respond(found: Found) -> Result<PublicKeyEntry, ApiError> {
 }
 
 pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
-    let caller = authenticate(&request, &state.jwt)?;
+    let caller = authenticate(&request, state.jwt()?)?;
     let raw = query_param(&request, "name")
         .ok_or_else(|| ApiError::validation("name", "name is required"))?;
     let name = UserName::parse(&raw)?;

@@ -9,7 +9,7 @@ use lambda_http::http::StatusCode;
 use crate::users::Profile;
 
 pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
-    let caller = authenticate(&request, &state.jwt)?;
+    let caller = authenticate(&request, state.jwt()?)?;
     let profile: Option<Profile> = state
         .db
         .query_as(

@@ -89,7 +89,7 @@ fn idempotency_key(request: &Request) -> Result<Option<IdempotencyKey>, ApiError
 }
 
 pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
-    let sender = authenticate(&request, &state.jwt)?;
+    let sender = authenticate(&request, state.jwt()?)?;
     let key = idempotency_key(&request)?;
     let config = &state.config;
     let body = json_body(&request, config.max_body_bytes())?;

@@ -118,7 +118,9 @@ pub async fn run(request: SetupRequest) -> Result<SetupReport, SetupError> {
     report
 }
 
-/// The script, then a check that both roles can log in with IAM tokens.
+/// The script, then a check that both roles can log in with IAM tokens. A one-shot connection
+/// to the instance itself (not the proxy, no pool): its statements go with it.
+#[allow(clippy::disallowed_methods)]
 pub async fn run_on(conn: &mut PgConnection) -> Result<SetupReport, SetupError> {
     sqlx::raw_sql(AssertSqlSafe(script_without_meta_commands()))
         .execute(&mut *conn)

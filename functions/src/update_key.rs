@@ -16,7 +16,7 @@ RETURNING id, name, public_key, created_at, key_updated_at
 "#;
 
 pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
-    let caller = authenticate(&request, &state.jwt)?;
+    let caller = authenticate(&request, state.jwt()?)?;
     let body = json_body(&request, crate::MAX_ACCOUNT_BODY_BYTES)?;
     let public_key = PublicKeyPem::parse(body.required_str("public_key")?)?;
     let profile: Option<Profile> = state

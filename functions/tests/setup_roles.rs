@@ -2,6 +2,9 @@
 //! as one simple-protocol query, twice (it must be idempotent), then the role check. The roles
 //! are cluster-wide, so this touches the local server's roles (as `make dev`'s database would).
 
+// Test scaffolding on the test's own pool.
+#![allow(clippy::disallowed_methods)]
+
 use sqlx::PgPool;
 
 #[sqlx::test(migrations = false)]

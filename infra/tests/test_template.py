@@ -492,6 +492,17 @@ class FunctionsBuildFromTheWorkspace(unittest.TestCase):
             with self.subTest(binary=binary):
                 self.assertTrue((BIN_DIR / f"{binary}.rs").is_file(), f"missing {BIN_DIR / binary}.rs")
 
+    def test_jwt_secret_goes_where_the_binary_uses_tokens(self):
+        # Each binary declares `Tokens::Used` (fails at init without JWT_SECRET) or
+        # `Tokens::Unused` (starts without it); the template gives the secret to the first only.
+        globals_env = template()["Globals"]["Function"]["Environment"]["Variables"]
+        for binary in EXPECTED_BINARIES:
+            _, fn = function_by_binary(binary)
+            env = {**globals_env, **fn["Properties"].get("Environment", {}).get("Variables", {})}
+            source = (BIN_DIR / f"{binary}.rs").read_text(encoding="utf-8")
+            with self.subTest(binary=binary):
+                self.assertEqual(env.get("JWT_SECRET", "") != "", "Tokens::Used" in source)
+
     def test_router_functions_are_binaries(self):
         routes, catch_all = router_table()
         self.assertLessEqual(set(routes.values()) | {f for _, f in catch_all}, EXPECTED_BINARIES)

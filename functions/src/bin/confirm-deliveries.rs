@@ -2,5 +2,10 @@
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_http::Error> {
-    common::runtime::run_http("confirm-deliveries", functions::confirm_deliveries::handler).await
+    common::runtime::run_http(
+        "confirm-deliveries",
+        common::Tokens::Used,
+        functions::confirm_deliveries::handler,
+    )
+    .await
 }

@@ -2,5 +2,10 @@
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_http::Error> {
-    common::runtime::run_http("delete-account", functions::delete_account::handler).await
+    common::runtime::run_http(
+        "delete-account",
+        common::Tokens::Used,
+        functions::delete_account::handler,
+    )
+    .await
 }

@@ -2,5 +2,10 @@
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_http::Error> {
-    common::runtime::run_http("get-messages", functions::get_messages::handler).await
+    common::runtime::run_http(
+        "get-messages",
+        common::Tokens::Used,
+        functions::get_messages::handler,
+    )
+    .await
 }

@@ -2,5 +2,5 @@
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_http::Error> {
-    common::runtime::run_http("health", functions::health::handler).await
+    common::runtime::run_http("health", common::Tokens::Unused, functions::health::handler).await
 }

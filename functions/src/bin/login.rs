@@ -2,5 +2,5 @@
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_http::Error> {
-    common::runtime::run_http("login", functions::login::handler).await
+    common::runtime::run_http("login", common::Tokens::Used, functions::login::handler).await
 }

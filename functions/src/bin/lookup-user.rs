@@ -2,5 +2,10 @@
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_http::Error> {
-    common::runtime::run_http("lookup-user", functions::lookup_user::handler).await
+    common::runtime::run_http(
+        "lookup-user",
+        common::Tokens::Used,
+        functions::lookup_user::handler,
+    )
+    .await
 }

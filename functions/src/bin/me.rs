@@ -2,5 +2,5 @@
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_http::Error> {
-    common::runtime::run_http("me", functions::me::handler).await
+    common::runtime::run_http("me", common::Tokens::Used, functions::me::handler).await
 }

@@ -2,5 +2,10 @@
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_http::Error> {
-    common::runtime::run_http("metrics", functions::metrics::handler).await
+    common::runtime::run_http(
+        "metrics",
+        common::Tokens::Unused,
+        functions::metrics::handler,
+    )
+    .await
 }

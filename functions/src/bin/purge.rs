@@ -5,7 +5,7 @@ use lambda_runtime::{LambdaEvent, service_fn};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    let state = common::runtime::init("purge")?;
+    let state = common::runtime::init("purge", common::Tokens::Unused)?;
     lambda_runtime::run(service_fn(
         |event: LambdaEvent<EventBridgeEvent>| async move {
             let time_left = functions::purge::time_left(event.context.deadline);

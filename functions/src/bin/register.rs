@@ -2,5 +2,10 @@
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_http::Error> {
-    common::runtime::run_http("register", functions::register::handler).await
+    common::runtime::run_http(
+        "register",
+        common::Tokens::Unused,
+        functions::register::handler,
+    )
+    .await
 }

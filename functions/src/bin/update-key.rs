@@ -2,5 +2,10 @@
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_http::Error> {
-    common::runtime::run_http("update-key", functions::update_key::handler).await
+    common::runtime::run_http(
+        "update-key",
+        common::Tokens::Used,
+        functions::update_key::handler,
+    )
+    .await
 }

@@ -213,7 +213,7 @@ async fn login_issues_a_token_for_either_spelling(pool: PgPool) {
         assert_eq!(r.body["token_type"], "bearer");
         assert_eq!(r.body["expires_in"], 900);
         let token = r.body["access_token"].as_str().unwrap();
-        let claims = app.state.jwt.verify(token).unwrap();
+        let claims = app.state.jwt().unwrap().verify(token).unwrap();
         assert_eq!(claims.sub.to_string(), id);
         let header = jsonwebtoken::decode_header(token).unwrap();
         assert_eq!(header.alg, jsonwebtoken::Algorithm::HS256);

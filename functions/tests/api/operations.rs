@@ -122,7 +122,8 @@ async fn database_down_is_503_quickly() {
     let app = TestApp::new(pool);
     let token = app
         .state
-        .jwt
+        .jwt()
+        .unwrap()
         .issue(uuid::Uuid::now_v7())
         .unwrap()
         .access_token;
