@@ -3,6 +3,7 @@
 //! inbox's judgement of each message (`inbox`), and the commands of the `messenger` CLI (`app`).
 
 pub mod api;
+pub mod app;
 pub mod envelope;
 pub mod inbox;
 pub mod keys;
