@@ -312,7 +312,7 @@ mod tests {
     }
 
     #[test]
-    fn every_flipped_bit_is_refused() {
+    fn a_flipped_bit_in_any_byte_is_refused() {
         let (alice, bob) = (party(), party());
         let env = seal(
             &Plaintext::new("x"),
@@ -322,15 +322,14 @@ mod tests {
             &bob.key.public_key(),
         );
         for i in 1..env.len() {
-            for bit in [1u8 << (i % 8)] {
-                let mut t = env.clone();
-                t[i] ^= bit;
-                assert_eq!(
-                    open(&t, alice.id, bob.id, &[&bob.key], &[alice.key.public_key()]),
-                    Err(OpenError::DoesNotOpen),
-                    "byte {i}"
-                );
-            }
+            let bit = 1u8 << (i % 8);
+            let mut t = env.clone();
+            t[i] ^= bit;
+            assert_eq!(
+                open(&t, alice.id, bob.id, &[&bob.key], &[alice.key.public_key()]),
+                Err(OpenError::DoesNotOpen),
+                "byte {i}"
+            );
         }
         let mut t = env.clone();
         t[0] = 2;

@@ -174,7 +174,7 @@ mod tests {
         let r = reason(judge(
             &again,
             bob.id,
-            &[bob.key.clone()],
+            std::slice::from_ref(&bob.key),
             &sender(&alice),
             &state,
             now,
@@ -201,7 +201,7 @@ mod tests {
         let r = reason(judge(
             &message(&alice, bob.id, &env),
             bob.id,
-            &[bob.key.clone()],
+            std::slice::from_ref(&bob.key),
             &sender(&alice),
             &InboxState::default(),
             Utc::now(),
@@ -224,7 +224,7 @@ mod tests {
         let r = reason(judge(
             &message(&alice, bob.id, &env),
             bob.id,
-            &[bob.key.clone()],
+            std::slice::from_ref(&bob.key),
             &sender(&alice),
             &InboxState::default(),
             Utc::now(),
@@ -241,7 +241,7 @@ mod tests {
         let r = reason(judge(
             &message(&alice, bob.id, &env),
             bob.id,
-            &[bob.key.clone()],
+            std::slice::from_ref(&bob.key),
             &sender(&alice),
             &InboxState::default(),
             Utc::now(),
@@ -251,7 +251,7 @@ mod tests {
         let r = reason(judge(
             &message(&alice, carol.id, &env),
             bob.id,
-            &[bob.key.clone()],
+            std::slice::from_ref(&bob.key),
             &sender(&alice),
             &InboxState::default(),
             Utc::now(),
@@ -274,7 +274,7 @@ mod tests {
         let r = reason(judge(
             &msg,
             bob.id,
-            &[bob.key.clone()],
+            std::slice::from_ref(&bob.key),
             &sender(&alice),
             &InboxState::default(),
             Utc::now(),
@@ -288,7 +288,7 @@ mod tests {
         let v = judge(
             &msg,
             bob.id,
-            &[bob.key.clone()],
+            std::slice::from_ref(&bob.key),
             &changed,
             &InboxState::default(),
             Utc::now(),
@@ -310,7 +310,7 @@ mod tests {
         let r = reason(judge(
             &message(&alice, bob.id, &env),
             bob.id,
-            &[bob.key.clone()],
+            std::slice::from_ref(&bob.key),
             &sender(&alice),
             &InboxState::default(),
             Utc::now(),
@@ -327,7 +327,7 @@ mod tests {
         let r = reason(judge(
             &message(&alice, bob.id, &env),
             bob.id,
-            &[bob.key.clone()],
+            std::slice::from_ref(&bob.key),
             &sender(&alice),
             &InboxState::default(),
             Utc::now(),

@@ -152,7 +152,7 @@ impl PublicKey {
         hex(&Sha256::digest(self.spki_der()))
     }
 
-    pub(crate) fn to_hpke(&self) -> <X25519HkdfSha256 as hpke::Kem>::PublicKey {
+    pub(crate) fn to_hpke(self) -> <X25519HkdfSha256 as hpke::Kem>::PublicKey {
         <X25519HkdfSha256 as hpke::Kem>::PublicKey::from_bytes(&self.0)
             .expect("32 bytes are an X25519 public key")
     }
@@ -181,7 +181,7 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
