@@ -723,8 +723,10 @@ impl App {
         if !(1..=500).contains(&limit) {
             return Err(Error::Usage("--limit is 1 to 500".into()));
         }
+        let mut first = true;
         loop {
-            let report = self.inbox_once(limit)?;
+            let report = self.inbox_once(limit, first)?;
+            first = false;
             let Some(every) = follow else {
                 return Ok(report);
             };
@@ -735,7 +737,7 @@ impl App {
         }
     }
 
-    fn inbox_once(&self, limit: u32) -> Result<Value, Error> {
+    fn inbox_once(&self, limit: u32, say_empty: bool) -> Result<Value, Error> {
         let _lock = self.profile.lock()?;
         let acct = self.account()?;
         let now = Utc::now();
@@ -819,7 +821,11 @@ impl App {
         for n in &report.notes {
             self.out.warn(n);
         }
-        if report.shown.is_empty() && report.dropped.is_empty() && report.held.is_empty() {
+        if say_empty
+            && report.shown.is_empty()
+            && report.dropped.is_empty()
+            && report.held.is_empty()
+        {
             self.out.say("no new messages");
         }
         Ok(
