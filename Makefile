@@ -6,6 +6,7 @@ PORT ?= 9000
 VENV := .venv/bin
 
 .PHONY: help dev test test-unit test-client test-client-e2e test-e2e fuzz-api lint check-infra migrate test-purge-backlog build build-x86 deploy tools fmt clean-local
+.PHONY: deploy-infra setup-roles rotate-jwt-secret rotate-metrics-token smoke
 
 help:
 	@echo "make dev                 run the API at http://127.0.0.1:$(PORT) (cargo lambda watch)"
@@ -16,6 +17,11 @@ help:
 	@echo "make migrate             apply migrations to the local (or \$$DATABASE_URL) database"
 	@echo "make test-purge-backlog  the slow purge test: 1,000,000 expired rows"
 	@echo "make build | deploy      release build for Lambda (arm64) | sam build && sam deploy"
+	@echo "make deploy-infra        network + database stack; deletion protection on once created"
+	@echo "make setup-roles         create the two database roles (once, after the first deploy)"
+	@echo "make rotate-jwt-secret   new JWT key into the functions (live tokens stop working)"
+	@echo "make rotate-metrics-token  likewise for the /metrics bearer token"
+	@echo "make smoke API=https://... the README walk-through against a stage (ORIGIN=, METRICS_TOKEN=)"
 
 tools:
 	@bash scripts/ensure-venv.sh
@@ -81,6 +87,22 @@ build-x86: tools
 
 deploy: tools
 	$(VENV)/sam build && $(VENV)/sam deploy
+
+# The operator's path (infra/README.md). STACK / INFRA_STACK name the stacks (defaults
+# secure-messenger / secure-messenger-infra); AWS credentials and region come from the AWS CLI.
+deploy-infra:
+	@bash scripts/deploy-infra.sh
+setup-roles:
+	@bash scripts/setup-roles.sh
+rotate-jwt-secret:
+	@bash scripts/rotate-secret.sh jwt
+rotate-metrics-token:
+	@bash scripts/rotate-secret.sh metrics
+
+# The contract walk-through against a running API: a deployed stage, or `make dev`'s.
+API ?= http://127.0.0.1:$(PORT)
+smoke:
+	@API="$(API)" bash scripts/smoke.sh
 
 fmt:
 	cargo fmt --all

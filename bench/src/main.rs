@@ -17,6 +17,9 @@
 //! to the functions' environment). The binaries are read from the directory of this executable
 //! (target/release after `cargo build --release --bins`).
 
+// The bench times bare SQL against the handlers, and sets up and empties its own database.
+#![allow(clippy::disallowed_methods)]
+
 mod report;
 mod runtime_api;
 
@@ -171,7 +174,7 @@ async fn app_state(url: &str, bcrypt_cost: u32, pool: Option<&PgPool>) -> &'stat
     ]);
     let config = Config::from_lookup(|k| vars.get(k).cloned()).expect("bench config is valid");
     let db = match pool {
-        Some(pool) => Database::from_pool(pool.clone()),
+        Some(pool) => Database::connect_with(&config.database, (*pool.connect_options()).clone()),
         None => Database::connect(&config.database).expect("DATABASE_URL is valid"),
     };
     Box::leak(Box::new(AppState::new(config, db)))
@@ -414,26 +417,31 @@ fn cases(fx: &Fixture) -> Vec<Case> {
 }
 
 /// The statement(s) the handler runs, bare, with the same binds. None when there are none.
-async fn run_sql(sql: Sql, pool: &PgPool, fx: &Fixture, ttl: f64) -> Option<()> {
+async fn run_sql(sql: Sql, state: &AppState, fx: &Fixture) -> Option<()> {
+    let (db, pool, config) = (&state.db, state.pool(), &state.config);
     let result = match sql {
-        Sql::Me => sqlx::query(ME_SQL)
+        Sql::Me => db
+            .query(ME_SQL)
             .bind(fx.alice)
             .fetch_optional(pool)
             .await
             .map(drop),
-        Sql::PublicKey => sqlx::query(functions::get_public_key::SQL)
+        Sql::PublicKey => db
+            .query(functions::get_public_key::SQL)
             .bind(fx.alice)
             .bind(fx.bob)
             .fetch_one(pool)
             .await
             .map(drop),
-        Sql::Lookup => sqlx::query(functions::lookup_user::SQL)
+        Sql::Lookup => db
+            .query(functions::lookup_user::SQL)
             .bind(fx.alice)
             .bind(fx.bob_name.as_str())
             .fetch_one(pool)
             .await
             .map(drop),
-        Sql::UpdateKey => sqlx::query(functions::update_key::UPDATE_SQL)
+        Sql::UpdateKey => db
+            .query(functions::update_key::UPDATE_SQL)
             .bind(fx.alice)
             .bind(fx.pem.as_str())
             .fetch_optional(pool)
@@ -444,17 +452,24 @@ async fn run_sql(sql: Sql, pool: &PgPool, fx: &Fixture, ttl: f64) -> Option<()> 
                 Sql::SendBig => &fx.big_ciphertext,
                 _ => &fx.ciphertext,
             };
-            sqlx::query(functions::send_message::INSERT_SQL)
+            db.query(functions::send_message::SEND_SQL)
                 .bind(Uuid::now_v7())
                 .bind(fx.alice)
                 .bind(fx.carol)
                 .bind(ciphertext.as_slice())
-                .bind(ttl)
-                .fetch_optional(pool)
+                .bind(config.message_ttl_seconds as f64)
+                .bind(None::<&str>)
+                .bind(None::<Vec<u8>>)
+                .bind(config.send_max_per_window as i32)
+                .bind(config.send_window_seconds as f64)
+                .bind(config.max_pending_per_recipient as i32)
+                .bind(config.max_pending_bytes_per_recipient as i64)
+                .fetch_one(pool)
                 .await
                 .map(drop)
         }
-        Sql::Page => sqlx::query(functions::get_messages::PAGE_SQL)
+        Sql::Page => db
+            .query(functions::get_messages::PAGE_SQL)
             .bind(fx.alice)
             .bind(Uuid::nil())
             .bind(PAGE_LIMIT)
@@ -462,15 +477,17 @@ async fn run_sql(sql: Sql, pool: &PgPool, fx: &Fixture, ttl: f64) -> Option<()> 
             .fetch_all(pool)
             .await
             .map(drop),
-        Sql::Confirm => sqlx::query(functions::confirm_delivery::CONFIRM_SQL)
-            .bind(fx.confirmed_id)
+        Sql::Confirm => db
+            .query(functions::confirm_deliveries::CONFIRM_SQL)
             .bind(fx.alice)
+            .bind([fx.confirmed_id])
             .fetch_one(pool)
             .await
             .map(drop),
         Sql::Nothing => return None,
-        Sql::Ready => sqlx::query(READY_SQL).execute(pool).await.map(drop),
-        Sql::Metrics => sqlx::query(functions::metrics::SNAPSHOT_SQL)
+        Sql::Ready => db.query(READY_SQL).execute(pool).await.map(drop),
+        Sql::Metrics => db
+            .query(functions::metrics::SNAPSHOT_SQL)
             .fetch_one(pool)
             .await
             .map(drop),
@@ -509,7 +526,6 @@ async fn measure_case(
     iterations: usize,
 ) -> Measured {
     let (function, event) = case.request.event();
-    let ttl = state.config.message_ttl_seconds as f64;
     let mut full = Vec::with_capacity(iterations);
     let mut dispatch = Vec::with_capacity(iterations);
     let mut parse = Vec::with_capacity(iterations);
@@ -541,7 +557,7 @@ async fn measure_case(
 
         quiesce(state.pool()).await;
         let started = Instant::now();
-        let ran = run_sql(case.sql, state.pool(), fx, ttl).await;
+        let ran = run_sql(case.sql, state, fx).await;
         let bare = started.elapsed();
 
         if i >= warmup {

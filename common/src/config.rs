@@ -21,11 +21,18 @@ pub struct Config {
     pub message_ttl_seconds: u64,
     pub max_message_bytes: usize,
     pub cors_allowed_origins: Vec<String>,
+    /// Failed logins for one name from one address (the name's own user is rarely locked out
+    /// by a stranger), for one name from all addresses, and from one address for all names.
     pub login_max_failures: u32,
+    pub login_max_failures_per_name: u32,
     pub login_max_failures_per_address: u32,
     pub login_window_seconds: u64,
     pub register_max_per_address: u32,
     pub register_window_seconds: u64,
+    pub send_max_per_window: u32,
+    pub send_window_seconds: u64,
+    pub max_pending_per_recipient: u32,
+    pub max_pending_bytes_per_recipient: u64,
     pub metrics_token: Option<Secret<String>>,
 }
 
@@ -111,6 +118,12 @@ impl Config {
             max_message_bytes,
             cors_allowed_origins: env.list("CORS_ALLOWED_ORIGINS")?,
             login_max_failures: env.number("LOGIN_MAX_FAILURES", 5, 1, 1_000_000)?,
+            login_max_failures_per_name: env.number(
+                "LOGIN_MAX_FAILURES_PER_NAME",
+                100,
+                1,
+                1_000_000,
+            )?,
             login_max_failures_per_address: env.number(
                 "LOGIN_MAX_FAILURES_PER_ADDRESS",
                 100,
@@ -120,6 +133,20 @@ impl Config {
             login_window_seconds: env.number("LOGIN_WINDOW_SECONDS", 900, 1, 86_400 * 7)?,
             register_max_per_address: env.number("REGISTER_MAX_PER_ADDRESS", 20, 1, 1_000_000)?,
             register_window_seconds: env.number("REGISTER_WINDOW_SECONDS", 3600, 1, 86_400 * 7)?,
+            send_max_per_window: env.number("SEND_MAX_PER_WINDOW", 300, 1, 1_000_000)?,
+            send_window_seconds: env.number("SEND_WINDOW_SECONDS", 60, 1, 86_400)?,
+            max_pending_per_recipient: env.number(
+                "MAX_PENDING_PER_RECIPIENT",
+                10_000,
+                1,
+                1_000_000,
+            )?,
+            max_pending_bytes_per_recipient: env.number(
+                "MAX_PENDING_BYTES_PER_RECIPIENT",
+                256 * 1024 * 1024,
+                1,
+                1 << 40,
+            )?,
             metrics_token: env.get("METRICS_TOKEN").map(Secret::new),
         })
     }
@@ -197,7 +224,7 @@ impl DatabaseConfig {
         };
         Ok(Self {
             target,
-            statement_cache_capacity: env.number("DB_STATEMENT_CACHE_CAPACITY", 100, 0, 10_000)?,
+            statement_cache_capacity: env.number("DB_STATEMENT_CACHE_CAPACITY", 0, 0, 10_000)?,
             max_connections: env.number("DB_MAX_CONNECTIONS", 1, 1, 100)?,
             acquire_timeout: Duration::from_millis(env.number(
                 "DB_ACQUIRE_TIMEOUT_MS",
@@ -297,12 +324,17 @@ mod tests {
         assert_eq!(c.max_message_bytes, 65_536);
         assert!(c.cors_allowed_origins.is_empty());
         assert_eq!(c.login_max_failures, 5);
+        assert_eq!(c.login_max_failures_per_name, 100);
         assert_eq!(c.login_max_failures_per_address, 100);
+        assert_eq!(c.send_max_per_window, 300);
+        assert_eq!(c.send_window_seconds, 60);
+        assert_eq!(c.max_pending_per_recipient, 10_000);
+        assert_eq!(c.max_pending_bytes_per_recipient, 268_435_456);
         assert_eq!(c.login_window_seconds, 900);
         assert_eq!(c.register_max_per_address, 20);
         assert_eq!(c.register_window_seconds, 3600);
         assert!(c.metrics_token.is_none());
-        assert_eq!(c.database.statement_cache_capacity, 100);
+        assert_eq!(c.database.statement_cache_capacity, 0);
         assert_eq!(c.database.max_connections, 1);
     }
 
@@ -328,6 +360,9 @@ mod tests {
             4
         );
         assert!(config(&[SECRET, URL, ("MAX_MESSAGE_BYTES", "0")]).is_err());
+        // Seven days are a ceiling of the contract, not a default.
+        assert!(config(&[SECRET, URL, ("MESSAGE_TTL_SECONDS", "604801")]).is_err());
+        assert!(config(&[SECRET, URL, ("SEND_MAX_PER_WINDOW", "0")]).is_err());
     }
 
     #[test]

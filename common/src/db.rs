@@ -5,9 +5,10 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use sqlx::PgPool;
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions, PgRow, PgSslMode};
+use sqlx::query::{Query, QueryAs, QueryScalar};
+use sqlx::{FromRow, PgPool, Postgres};
 
 use crate::config::{DatabaseConfig, DatabaseTarget, IamDatabase, SslMode};
 use crate::rds_token;
@@ -21,6 +22,10 @@ const IAM_TOKEN_REFRESH: Duration = Duration::from_secs(10 * 60);
 pub struct Database {
     pool: PgPool,
     iam: Option<IamTokens>,
+    /// Whether queries prepare named statements. Only with a statement cache: without one (RDS
+    /// Proxy, which pins a connection that holds a named statement) sqlx 0.9 would prepare a new
+    /// named statement per execution and never close it, so every query runs unnamed instead.
+    persistent: bool,
 }
 
 struct IamTokens {
@@ -37,28 +42,12 @@ impl Database {
     /// Builds the pool without connecting (init never waits on the database). In IAM mode this
     /// signs the first token, offline.
     pub fn connect(config: &DatabaseConfig) -> Result<Self, DatabaseInitError> {
-        let pool_options = PgPoolOptions::new()
-            .max_connections(config.max_connections)
-            .min_connections(0)
-            .acquire_timeout(config.acquire_timeout)
-            // A warm Lambda may sleep for minutes; drop idle connections before RDS or a NAT does.
-            .idle_timeout(Some(Duration::from_secs(300)))
-            .max_lifetime(Some(Duration::from_secs(30 * 60)))
-            // Saves a round trip per request; a connection that died is discarded on its first
-            // error, and the next request opens a new one.
-            .test_before_acquire(false);
         match &config.target {
             DatabaseTarget::Url(url) => {
                 let options: PgConnectOptions = url.expose().parse().map_err(|_| {
                     DatabaseInitError("DATABASE_URL is not a valid PostgreSQL URL".into())
                 })?;
-                let options = options
-                    .statement_cache_capacity(config.statement_cache_capacity)
-                    .application_name("secure-messenger");
-                Ok(Self {
-                    pool: pool_options.connect_lazy_with(options),
-                    iam: None,
-                })
+                Ok(Self::connect_with(config, options))
             }
             DatabaseTarget::Iam(iam) => {
                 let tokens = IamTokens {
@@ -68,19 +57,55 @@ impl Database {
                 };
                 let first = tokens.options_with_fresh_token();
                 Ok(Self {
-                    pool: pool_options.connect_lazy_with(first),
+                    pool: pool_options(config).connect_lazy_with(first),
                     iam: Some(tokens),
+                    persistent: config.statement_cache_capacity > 0,
                 })
             }
         }
     }
 
-    pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool, iam: None }
+    /// The pool `connect` builds, to the server `options` name (tests point it at their own
+    /// database); every other setting comes from `config`.
+    pub fn connect_with(config: &DatabaseConfig, options: PgConnectOptions) -> Self {
+        let options = options
+            .statement_cache_capacity(config.statement_cache_capacity)
+            .application_name("secure-messenger");
+        Self {
+            pool: pool_options(config).connect_lazy_with(options),
+            iam: None,
+            persistent: config.statement_cache_capacity > 0,
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// `sqlx::query`, as a statement of the configured kind (named and cached, or unnamed).
+    /// Every query of the functions goes through these three (clippy.toml forbids the rest).
+    #[allow(clippy::disallowed_methods)]
+    pub fn query<'q>(&self, sql: &'static str) -> Query<'q, Postgres, PgArguments> {
+        sqlx::query(sql).persistent(self.persistent)
+    }
+
+    #[allow(clippy::disallowed_methods)]
+    pub fn query_as<'q, O>(&self, sql: &'static str) -> QueryAs<'q, Postgres, O, PgArguments>
+    where
+        O: for<'r> FromRow<'r, PgRow>,
+    {
+        sqlx::query_as(sql).persistent(self.persistent)
+    }
+
+    #[allow(clippy::disallowed_methods)]
+    pub fn query_scalar<'q, O>(
+        &self,
+        sql: &'static str,
+    ) -> QueryScalar<'q, Postgres, O, PgArguments>
+    where
+        (O,): for<'r> FromRow<'r, PgRow>,
+    {
+        sqlx::query_scalar(sql).persistent(self.persistent)
     }
 
     /// Called once per invocation: free unless the IAM token is due. A Lambda instance is frozen
@@ -99,6 +124,19 @@ impl Database {
                 .set_connect_options(iam.options_with_fresh_token());
         }
     }
+}
+
+fn pool_options(config: &DatabaseConfig) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .min_connections(0)
+        .acquire_timeout(config.acquire_timeout)
+        // A warm Lambda may sleep for minutes; drop idle connections before RDS or a NAT does.
+        .idle_timeout(Some(Duration::from_secs(300)))
+        .max_lifetime(Some(Duration::from_secs(30 * 60)))
+        // Saves a round trip per request; a connection that died is discarded on its first
+        // error, and the next request opens a new one.
+        .test_before_acquire(false)
 }
 
 impl IamTokens {

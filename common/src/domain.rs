@@ -37,6 +37,37 @@ impl UserName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The name as every uniqueness and rate-limit key compares it: names are ASCII by rule, so
+    /// ASCII lower case is exact and independent of any locale.
+    pub fn key(&self) -> String {
+        self.0.to_ascii_lowercase()
+    }
+}
+
+/// An `Idempotency-Key`: 1 to 64 of `A-Z a-z 0-9 _ -`. A malformed one is 400 (it is a header,
+/// not a field of the body).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    pub fn parse(raw: &str) -> Result<Self, ApiError> {
+        let well_formed = (1..=64).contains(&raw.len())
+            && raw
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'));
+        if well_formed {
+            Ok(Self(raw.to_string()))
+        } else {
+            Err(ApiError::bad_request(
+                "Idempotency-Key must be 1 to 64 of A-Z, a-z, 0-9, '_' and '-'",
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 /// A password of 8 to 72 bytes in UTF-8, as the contract says. bcrypt reads at most 72 bytes,
@@ -339,6 +370,21 @@ mod tests {
     }
 
     #[test]
+    fn idempotency_keys() {
+        for ok in [
+            "a",
+            "0190a3c2-7b5e-7c3e-8f00-123456789abc",
+            "A_b-9",
+            &"k".repeat(64),
+        ] {
+            assert_eq!(IdempotencyKey::parse(ok).unwrap().as_str(), ok);
+        }
+        for bad in ["", &"k".repeat(65), "a b", "a.b", "ключ", "a\0"] {
+            assert_eq!(status(IdempotencyKey::parse(bad)), 400, "{bad:?}");
+        }
+    }
+
+    #[test]
     fn ids() {
         assert!(parse_id("0190a3c2-7b5e-7c3e-8f00-123456789abc", "id").is_ok());
         assert_eq!(status(parse_id("nope", "id")), 400);
@@ -368,6 +414,7 @@ mod tests {
         let cases = [
             ("rsa2048.pem", KeyKind::Rsa { bits: 2048 }),
             ("rsa3072.pem", KeyKind::Rsa { bits: 3072 }),
+            ("rsa8192.pem", KeyKind::Rsa { bits: 8192 }),
             ("p256.pem", KeyKind::P256),
             ("p384.pem", KeyKind::P384),
             ("ed25519.pem", KeyKind::Ed25519),
@@ -398,6 +445,7 @@ mod tests {
                 .unwrap();
         let cases = [
             key("rsa1024.pem"),
+            key("rsa8200.pem"),
             key("secp256k1.pem"),
             key("ed448.pem"),
             key("ed25519-private.pem"),

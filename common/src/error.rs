@@ -32,8 +32,12 @@ pub enum ApiError {
         field: &'static str,
         message: String,
     },
+    #[error("this Idempotency-Key was already used for a different request")]
+    IdempotencyKeyReused,
     #[error("too many attempts, retry later")]
     RateLimited { retry_after_seconds: u64 },
+    #[error("the recipient's mailbox is full, retry later")]
+    MailboxFull { retry_after_seconds: u64 },
     /// Never shown to the client: logged, then answered with a generic 500.
     #[error("internal error: {0}")]
     Internal(String),
@@ -84,8 +88,10 @@ impl ApiError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Validation { .. } | Self::IdempotencyKeyReused => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            Self::RateLimited { .. } | Self::MailboxFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -101,7 +107,9 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::Validation { .. } => "validation_failed",
+            Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::RateLimited { .. } => "rate_limited",
+            Self::MailboxFull { .. } => "mailbox_full",
             Self::Internal(_) => "internal",
             Self::Unavailable(_) => "unavailable",
         }
@@ -147,10 +155,14 @@ impl ApiError {
         let mut response = crate::http::json_response(self.status(), &body);
         let headers = response.headers_mut();
         match self {
-            Self::Unauthorized => {
+            // RFC 9110: every 401 carries a challenge.
+            Self::Unauthorized | Self::InvalidCredentials => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             Self::RateLimited {
+                retry_after_seconds,
+            }
+            | Self::MailboxFull {
                 retry_after_seconds,
             } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_seconds));
@@ -222,6 +234,18 @@ mod tests {
                 429,
                 "rate_limited",
             ),
+            (
+                ApiError::IdempotencyKeyReused,
+                422,
+                "idempotency_key_reused",
+            ),
+            (
+                ApiError::MailboxFull {
+                    retry_after_seconds: 60,
+                },
+                429,
+                "mailbox_full",
+            ),
             (ApiError::internal("boom"), 500, "internal"),
             (ApiError::Unavailable("refused".into()), 503, "unavailable"),
         ];
@@ -236,6 +260,12 @@ mod tests {
     fn headers_the_contract_requires() {
         let (_, _, h) = parts(ApiError::Unauthorized);
         assert_eq!(h["www-authenticate"], "Bearer");
+        let (_, _, h) = parts(ApiError::InvalidCredentials);
+        assert_eq!(h["www-authenticate"], "Bearer");
+        let (_, _, h) = parts(ApiError::MailboxFull {
+            retry_after_seconds: 9,
+        });
+        assert_eq!(h["retry-after"], "9");
         let (_, _, h) = parts(ApiError::RateLimited {
             retry_after_seconds: 42,
         });

@@ -1,5 +1,7 @@
 //! Request and response helpers shared by every HTTP function.
 
+use std::net::{IpAddr, Ipv6Addr};
+
 use lambda_http::http::{HeaderValue, StatusCode, header};
 use lambda_http::request::RequestContext;
 use lambda_http::{Body, Request, RequestExt, Response};
@@ -50,6 +52,20 @@ impl JsonObject {
             Some(_) => Err(ApiError::bad_field(
                 field,
                 format!("{field} must be a string"),
+            )),
+        }
+    }
+
+    /// A required array field: absent or null is 422, another JSON type is 400.
+    pub fn required_array(&self, field: &'static str) -> Result<&[Value], ApiError> {
+        match self.0.get(field) {
+            None | Some(Value::Null) => {
+                Err(ApiError::validation(field, format!("{field} is required")))
+            }
+            Some(Value::Array(items)) => Ok(items),
+            Some(_) => Err(ApiError::bad_field(
+                field,
+                format!("{field} must be an array"),
             )),
         }
     }
@@ -166,15 +182,31 @@ pub fn bearer_token(value: &str) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
-/// The client address as API Gateway saw it. Never taken from `X-Forwarded-For`, which the
-/// client controls.
+/// The client address as API Gateway saw it, as rate limits key it. Never taken from
+/// `X-Forwarded-For`, which the client controls.
 pub fn client_address(request: &Request) -> String {
     let ip = match request.request_context_ref() {
-        Some(RequestContext::ApiGatewayV2(ctx)) => ctx.http.source_ip.clone(),
+        Some(RequestContext::ApiGatewayV2(ctx)) => ctx.http.source_ip.as_deref(),
         _ => None,
     };
     ip.filter(|ip| !ip.is_empty())
-        .unwrap_or_else(|| "unknown".to_string())
+        .map_or_else(|| "unknown".to_string(), address_key)
+}
+
+/// An IPv4 address as it is; an IPv6 one by its /64 prefix, since one host or home usually
+/// holds a whole /64 and could otherwise rotate through 2^64 addresses to escape a limit.
+pub fn address_key(ip: &str) -> String {
+    match ip.parse::<IpAddr>() {
+        Ok(IpAddr::V4(v4)) => v4.to_string(),
+        Ok(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let [a, b, c, d, ..] = v6.segments();
+                format!("{}/64", Ipv6Addr::new(a, b, c, d, 0, 0, 0, 0))
+            }
+        },
+        Err(_) => ip.to_string(),
+    }
 }
 
 pub fn path_param(request: &Request, name: &str) -> Option<String> {
@@ -262,6 +294,18 @@ mod tests {
             )),
             413
         );
+    }
+
+    #[test]
+    fn addresses_key_ipv6_by_prefix() {
+        assert_eq!(address_key("203.0.113.7"), "203.0.113.7");
+        assert_eq!(address_key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
+        assert_eq!(
+            address_key("2001:db8:1:2:ffff:ffff:ffff:ffff"),
+            "2001:db8:1:2::/64"
+        );
+        assert_ne!(address_key("2001:db8:1:3::1"), "2001:db8:1:2::/64");
+        assert_eq!(address_key("::ffff:198.51.100.1"), "198.51.100.1");
     }
 
     #[test]

@@ -31,6 +31,13 @@ pub async fn verify(
     Ok(known && matches)
 }
 
+/// Whether a stored hash was made at another cost than the configured one. A successful login
+/// re-hashes it, so after a change of `BCRYPT_COST` known names converge on the cost that
+/// unknown names (the dummy hash) are verified at, and timing cannot tell them apart.
+pub fn needs_rehash(stored: &str, cost: u32) -> bool {
+    stored.get(4..6).and_then(|c| c.parse::<u32>().ok()) != Some(cost)
+}
+
 /// A well-formed bcrypt hash at `cost` that no password is known to match. It is made from one
 /// cheap cost-4 hash with the cost field rewritten, so verifying against it runs the full work
 /// factor without paying for a full hash at start-up.
@@ -47,6 +54,16 @@ fn dummy_hash(cost: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn hashes_of_another_cost_need_a_rehash() {
+        let pw = Password::parse("correct horse battery").unwrap();
+        let hashed = hash(&pw, 4).await.unwrap();
+        assert!(!needs_rehash(&hashed, 4));
+        assert!(needs_rehash(&hashed, 5));
+        assert!(!needs_rehash(&dummy_hash(12), 12));
+        assert!(needs_rehash("garbage", 12));
+    }
 
     #[tokio::test]
     async fn hash_then_verify() {

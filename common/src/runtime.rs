@@ -14,6 +14,11 @@ use crate::state::AppState;
 
 pub type HandlerResult = Result<Response<Body>, ApiError>;
 
+/// The request headers the contract uses, which a preflight allows.
+pub const CORS_ALLOW_HEADERS: &str = "authorization, content-type, idempotency-key";
+/// The response headers of the contract a browser script may read.
+pub const CORS_EXPOSE_HEADERS: &str = "retry-after, www-authenticate, idempotent-replayed";
+
 /// Builds the state (failing init with a clear message when config is wrong) and serves.
 pub async fn run_http<F, Fut>(function: &'static str, handler: F) -> Result<(), lambda_http::Error>
 where
@@ -100,6 +105,10 @@ fn allow_origin(config: &Config, origin: Option<HeaderValue>, response: &mut Res
     if origin.to_str().is_ok_and(|o| config.allows_origin(o)) {
         let headers = response.headers_mut();
         headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        headers.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static(CORS_EXPOSE_HEADERS),
+        );
         headers.append(header::VARY, HeaderValue::from_static("Origin"));
     }
 }

@@ -69,7 +69,9 @@ pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
         Some(raw) => parse_id(&raw, "after")?,
         None => Uuid::nil(),
     };
-    let rows: Vec<Row> = sqlx::query_as(PAGE_SQL)
+    let rows: Vec<Row> = state
+        .db
+        .query_as(PAGE_SQL)
         .bind(caller)
         .bind(after)
         .bind(i64::from(limit.get()))

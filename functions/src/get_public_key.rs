@@ -22,7 +22,9 @@ pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
     let raw = path_param(&request, "user_id")
         .ok_or_else(|| ApiError::bad_field("user_id", "user_id is required"))?;
     let user_id = parse_id(&raw, "user_id")?;
-    let found: Found = sqlx::query_as(SQL)
+    let found: Found = state
+        .db
+        .query_as(SQL)
         .bind(caller)
         .bind(user_id)
         .fetch_one(state.pool())

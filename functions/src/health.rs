@@ -16,7 +16,7 @@ pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
     {
         return Ok(json_response(StatusCode::OK, &json!({"status": "ok"})));
     }
-    match sqlx::query("SELECT 1").execute(state.pool()).await {
+    match state.db.query("SELECT 1").execute(state.pool()).await {
         Ok(_) => Ok(json_response(
             StatusCode::OK,
             &json!({"status": "ok", "database": "ok"}),

@@ -2,7 +2,10 @@
 //! compiled once as this library so the binaries only link it.
 
 pub mod api_event;
+pub mod confirm_deliveries;
 pub mod confirm_delivery;
+pub mod credentials;
+pub mod delete_account;
 pub mod get_messages;
 pub mod get_public_key;
 pub mod health;
@@ -17,6 +20,7 @@ pub mod rate_limit;
 pub mod register;
 pub mod routes;
 pub mod send_message;
+pub mod setup_roles;
 pub mod update_key;
 pub mod users;
 
@@ -34,6 +38,7 @@ pub async fn dispatch(function: &str, state: &'static AppState, request: Request
         "register" => register::handler(state, request).await,
         "login" => login::handler(state, request).await,
         "me" => me::handler(state, request).await,
+        "delete-account" => delete_account::handler(state, request).await,
         "get-public-key" => get_public_key::handler(state, request).await,
         "update-key" => update_key::handler(state, request).await,
         "lookup-user" => lookup_user::handler(state, request).await,
@@ -41,6 +46,7 @@ pub async fn dispatch(function: &str, state: &'static AppState, request: Request
         "send-message" => send_message::handler(state, request).await,
         "get-messages" => get_messages::handler(state, request).await,
         "confirm-delivery" => confirm_delivery::handler(state, request).await,
+        "confirm-deliveries" => confirm_deliveries::handler(state, request).await,
         "metrics" => metrics::handler(state, request).await,
         _ => not_found::handler(state, request).await,
     }

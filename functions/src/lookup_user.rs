@@ -15,7 +15,7 @@ pub const SQL: &str = r#"
 SELECT EXISTS (SELECT 1 FROM users WHERE id = $1) AS caller_exists,
        u.id AS user_id, u.name, u.public_key, u.key_updated_at
 FROM (SELECT 1) AS one
-LEFT JOIN users u ON lower(u.name) = lower($2)
+LEFT JOIN users u ON lower(u.name COLLATE "C") = $2
 "#;
 
 /// A directory lookup joined with the caller's own existence check.
@@ -54,9 +54,11 @@ pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
     let raw = query_param(&request, "name")
         .ok_or_else(|| ApiError::validation("name", "name is required"))?;
     let name = UserName::parse(&raw)?;
-    let found: Found = sqlx::query_as(SQL)
+    let found: Found = state
+        .db
+        .query_as(SQL)
         .bind(caller)
-        .bind(name.as_str())
+        .bind(name.key())
         .fetch_one(state.pool())
         .await?;
     respond(found).map(|entry| json_response(StatusCode::OK, &entry))

@@ -10,12 +10,14 @@ use crate::users::Profile;
 
 pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
     let caller = authenticate(&request, &state.jwt)?;
-    let profile: Option<Profile> = sqlx::query_as(
-        "SELECT id, name, public_key, created_at, key_updated_at FROM users WHERE id = $1",
-    )
-    .bind(caller)
-    .fetch_optional(state.pool())
-    .await?;
+    let profile: Option<Profile> = state
+        .db
+        .query_as(
+            "SELECT id, name, public_key, created_at, key_updated_at FROM users WHERE id = $1",
+        )
+        .bind(caller)
+        .fetch_optional(state.pool())
+        .await?;
     // A valid token for an account that no longer exists.
     let profile = profile.ok_or(ApiError::Unauthorized)?;
     Ok(json_response(StatusCode::OK, &profile))

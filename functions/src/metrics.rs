@@ -49,7 +49,11 @@ pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
     if let Some(token) = &state.config.metrics_token {
         authenticate_static(&request, token)?;
     }
-    let s: Snapshot = sqlx::query_as(SNAPSHOT_SQL).fetch_one(state.pool()).await?;
+    let s: Snapshot = state
+        .db
+        .query_as(SNAPSHOT_SQL)
+        .fetch_one(state.pool())
+        .await?;
 
     let mut registry = Registry::with_prefix("messenger");
     let int = |registry: &mut Registry, name: &str, help: &str, value: i64| {

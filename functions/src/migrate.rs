@@ -13,9 +13,9 @@ pub struct MigrationReport {
 
 pub async fn run(db: &Database) -> Result<MigrationReport, sqlx::migrate::MigrateError> {
     let pool = db.pool();
-    let before = applied_versions(pool).await.unwrap_or_default();
+    let before = applied_versions(db).await.unwrap_or_default();
     MIGRATOR.run(pool).await?;
-    let after = applied_versions(pool)
+    let after = applied_versions(db)
         .await
         .map_err(sqlx::migrate::MigrateError::Execute)?;
     Ok(MigrationReport {
@@ -28,9 +28,9 @@ pub async fn run(db: &Database) -> Result<MigrationReport, sqlx::migrate::Migrat
     })
 }
 
-async fn applied_versions(pool: &sqlx::PgPool) -> Result<Vec<i64>, sqlx::Error> {
-    sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
-        .fetch_all(pool)
+async fn applied_versions(db: &Database) -> Result<Vec<i64>, sqlx::Error> {
+    db.query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+        .fetch_all(db.pool())
         .await
 }
 

@@ -3,7 +3,7 @@
 //! It also answers CORS preflights, which a `$default` route receives instead of API Gateway.
 
 use common::http::no_content;
-use common::runtime::HandlerResult;
+use common::runtime::{CORS_ALLOW_HEADERS, HandlerResult};
 use common::{ApiError, AppState};
 use lambda_http::Request;
 use lambda_http::http::{HeaderValue, Method, header};
@@ -55,8 +55,9 @@ fn preflight(
             headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, value);
             headers.insert(
                 header::ACCESS_CONTROL_ALLOW_HEADERS,
-                HeaderValue::from_static("authorization, content-type"),
+                HeaderValue::from_static(CORS_ALLOW_HEADERS),
             );
+
             headers.insert(
                 header::ACCESS_CONTROL_MAX_AGE,
                 HeaderValue::from_static(PREFLIGHT_MAX_AGE),

@@ -51,7 +51,7 @@ DELETE FROM rate_limits
 WHERE ctid = ANY (ARRAY (
     SELECT ctid FROM rate_limits
     WHERE window_start <= now() - make_interval(
-        secs => CASE WHEN bucket = 'register_address' THEN $2 ELSE $3 END)
+        secs => CASE bucket WHEN 'register_address' THEN $2 WHEN 'send_sender' THEN $4 ELSE $3 END)
     LIMIT $1
     FOR UPDATE SKIP LOCKED
 ))
@@ -99,12 +99,15 @@ pub async fn purge(
     while Instant::now() + slowest * 2 < stop_by {
         let batch_started = Instant::now();
         let query = if messages_done {
-            sqlx::query(DELETE_RATE_LIMITS_SQL)
+            state
+                .db
+                .query(DELETE_RATE_LIMITS_SQL)
                 .bind(batch_size)
                 .bind(config.register_window_seconds as f64)
                 .bind(config.login_window_seconds as f64)
+                .bind(config.send_window_seconds as f64)
         } else {
-            sqlx::query(DELETE_MESSAGES_SQL).bind(batch_size)
+            state.db.query(DELETE_MESSAGES_SQL).bind(batch_size)
         };
         let deleted = query.execute(pool).await?.rows_affected();
         report.batches += 1;
@@ -122,7 +125,9 @@ pub async fn purge(
         }
     }
     report.duration_ms = started.elapsed().as_millis() as u64;
-    sqlx::query(RECORD_RUN_SQL)
+    state
+        .db
+        .query(RECORD_RUN_SQL)
         .bind(started_at)
         .bind(report.messages_deleted as i64)
         .bind(report.rate_limits_deleted as i64)

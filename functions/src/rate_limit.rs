@@ -1,60 +1,50 @@
 //! Attempt counters shared by every Lambda instance, in PostgreSQL: one row per bucket and key
-//! over a fixed window that starts at the first attempt. The upsert is atomic, so concurrent
-//! instances never lose a count; the purge deletes windows that have ended.
+//! over a fixed window that starts at the first attempt. Each attempt is counted by an atomic
+//! upsert in the same statement that checks the limit, before the work it limits, so however
+//! many attempts arrive at once no more than the limit get through. The purge deletes windows
+//! that have ended.
 
-use sqlx::PgPool;
-
+/// Every counter kind; the migration's CHECK on `rate_limits.bucket` lists the same names (a
+/// test holds the two together).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bucket {
+    /// Failed logins for one name from one address (`LOGIN_MAX_FAILURES`).
+    LoginNameAddress,
+    /// Failed logins for one name from every address (`LOGIN_MAX_FAILURES_PER_NAME`).
     LoginName,
+    /// Failed logins from one address for every name (`LOGIN_MAX_FAILURES_PER_ADDRESS`).
     LoginAddress,
+    /// Registrations from one address (`REGISTER_MAX_PER_ADDRESS`).
     RegisterAddress,
+    /// Messages from one sender (`SEND_MAX_PER_WINDOW`); counted inside `send_message()`.
+    SendSender,
 }
 
 impl Bucket {
+    pub const ALL: [Bucket; 5] = [
+        Self::LoginNameAddress,
+        Self::LoginName,
+        Self::LoginAddress,
+        Self::RegisterAddress,
+        Self::SendSender,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::LoginNameAddress => "login_name_address",
             Self::LoginName => "login_name",
             Self::LoginAddress => "login_address",
             Self::RegisterAddress => "register_address",
+            Self::SendSender => "send_sender",
         }
     }
 }
 
-/// A counter after an attempt was recorded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
-pub struct Count {
-    pub attempts: i32,
-    /// Seconds until the window ends (at least 1).
-    pub retry_after: i64,
-}
-
-/// Counts one attempt in each (bucket, key) pair, all with the same window.
+/// The upsert that counts one attempt per row of a CTE named `attempt_keys(bucket, key)`, with
+/// the window in `$3`; statements compose it as `attempt AS (...)`.
 pub const RECORD_SQL: &str = include_str!("sql/record_attempt.sql");
 
-pub async fn record(
-    pool: &PgPool,
-    entries: &[(Bucket, &str)],
-    window_seconds: u64,
-) -> Result<Vec<(String, Count)>, sqlx::Error> {
-    let buckets: Vec<&str> = entries.iter().map(|(b, _)| b.as_str()).collect();
-    let keys: Vec<&str> = entries.iter().map(|(_, k)| *k).collect();
-    let rows: Vec<(String, i32, i64)> = sqlx::query_as(RECORD_SQL)
-        .bind(&buckets)
-        .bind(&keys)
-        .bind(window_seconds as f64)
-        .fetch_all(pool)
-        .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(bucket, attempts, retry_after)| {
-            (
-                bucket,
-                Count {
-                    attempts,
-                    retry_after,
-                },
-            )
-        })
-        .collect())
+/// The key of the name-and-address counter. Names never contain `@`.
+pub fn name_address_key(name_key: &str, address: &str) -> String {
+    format!("{name_key}@{address}")
 }

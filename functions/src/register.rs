@@ -23,16 +23,17 @@ pub struct Registered {
 /// Counts this attempt against the client address and checks the name, in one round trip and
 /// before bcrypt spends a quarter second: floods and taken names cost the server almost nothing.
 const PRECHECK_SQL: &str = concat!(
-    "WITH attempt AS (",
+    "WITH attempt_keys AS (SELECT $1::text AS bucket, $2::text AS key), ",
+    "attempt AS (\n",
     include_str!("sql/record_attempt.sql"),
-    ") SELECT attempt.attempts, attempt.retry_after, ",
-    "EXISTS (SELECT 1 FROM users WHERE lower(name) = lower($4)) AS taken FROM attempt"
+    ")\nSELECT attempt.attempts, attempt.retry_after, ",
+    "EXISTS (SELECT 1 FROM users WHERE lower(name COLLATE \"C\") = $4) AS taken FROM attempt"
 );
 
 const INSERT_SQL: &str = r#"
 INSERT INTO users (id, name, hashed_password, public_key)
 VALUES ($1, $2, $3, $4)
-ON CONFLICT ((lower(name))) DO NOTHING
+ON CONFLICT ((lower(name COLLATE "C"))) DO NOTHING
 RETURNING id, name, public_key, created_at
 "#;
 
@@ -44,11 +45,13 @@ pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
     let config = &state.config;
 
     let address = client_address(&request);
-    let (attempts, retry_after, taken): (i32, i64, bool) = sqlx::query_as(PRECHECK_SQL)
-        .bind([Bucket::RegisterAddress.as_str()])
-        .bind([address.as_str()])
+    let (attempts, retry_after, taken): (i32, i64, bool) = state
+        .db
+        .query_as(PRECHECK_SQL)
+        .bind(Bucket::RegisterAddress.as_str())
+        .bind(address.as_str())
         .bind(config.register_window_seconds as f64)
-        .bind(name.as_str())
+        .bind(name.key())
         .fetch_one(state.pool())
         .await?;
     if attempts > config.register_max_per_address as i32 {
@@ -61,7 +64,9 @@ pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
     }
 
     let hashed = password::hash(&password, config.bcrypt_cost).await?;
-    let registered: Option<Registered> = sqlx::query_as(INSERT_SQL)
+    let registered: Option<Registered> = state
+        .db
+        .query_as(INSERT_SQL)
         .bind(Uuid::now_v7())
         .bind(name.as_str())
         .bind(&hashed)

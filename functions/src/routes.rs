@@ -6,6 +6,7 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
     ("POST", "/register", "register"),
     ("POST", "/login", "login"),
     ("GET", "/me", "me"),
+    ("DELETE", "/me", "delete-account"),
     ("GET", "/public-key/{user_id}", "get-public-key"),
     ("PUT", "/update-key", "update-key"),
     ("GET", "/users", "lookup-user"),
@@ -14,6 +15,7 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
     ("POST", "/messages", "send-message"),
     ("GET", "/messages", "get-messages"),
     ("PUT", "/messages/{id}/delivered", "confirm-delivery"),
+    ("POST", "/messages/delivered", "confirm-deliveries"),
     ("GET", "/metrics", "metrics"),
 ];
 
@@ -80,5 +82,11 @@ mod tests {
         assert!(find("PUT", "/messages//delivered").unwrap_err().is_empty());
         assert!(find("GET", "/public-key/a/b").unwrap_err().is_empty());
         assert!(find("GET", "/me/").unwrap_err().is_empty());
+        assert_eq!(find("DELETE", "/me").unwrap().function, "delete-account");
+        assert_eq!(
+            find("POST", "/messages/delivered").unwrap().function,
+            "confirm-deliveries"
+        );
+        assert_eq!(find("GET", "/messages/delivered").unwrap_err(), ["POST"]);
     }
 }

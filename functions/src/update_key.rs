@@ -19,7 +19,9 @@ pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
     let caller = authenticate(&request, &state.jwt)?;
     let body = json_body(&request, crate::MAX_ACCOUNT_BODY_BYTES)?;
     let public_key = PublicKeyPem::parse(body.required_str("public_key")?)?;
-    let profile: Option<Profile> = sqlx::query_as(UPDATE_SQL)
+    let profile: Option<Profile> = state
+        .db
+        .query_as(UPDATE_SQL)
         .bind(caller)
         .bind(public_key.as_str())
         .fetch_optional(state.pool())

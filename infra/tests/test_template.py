@@ -30,10 +30,15 @@ API_MD = Path(os.environ.get("API_MD", REPO.parent / "shared" / "API.md"))
 # Every Lambda binary of the `functions` crate (issue 4), and the ones that never touch the DB.
 EXPECTED_BINARIES = {
     "register", "login", "me", "get-public-key", "update-key", "lookup-user", "health",
-    "send-message", "get-messages", "confirm-delivery", "metrics", "not-found", "purge", "migrate",
+    "send-message", "get-messages", "confirm-delivery", "confirm-deliveries", "delete-account",
+    "metrics", "not-found", "purge", "migrate",
 }
+# The one-shot operator function (infra/README.md step 3): no route, no trigger, no IAM
+# database access (it logs in once as the master user, with the password in its payload).
+SETUP_FUNCTION = "setup-roles"
+EXPECTED_BINARIES = EXPECTED_BINARIES | {SETUP_FUNCTION}
 NO_DATABASE = {"not-found"}
-BCRYPT_FUNCTIONS = {"register", "login"}
+BCRYPT_FUNCTIONS = {"register", "login", "delete-account"}
 
 # Variables the shared Config reads beyond API.md's table (AWS_REGION is set by Lambda).
 CONFIG_EXTENSIONS = {
@@ -297,7 +302,7 @@ class IamIsLeastPrivilege(unittest.TestCase):
             logical_id, fn = function_by_binary(binary)
             refs = {p["Ref"] for p in fn.get("Properties", {}).get("Policies", []) or [] if is_ref(p)}
             with self.subTest(binary=binary):
-                if binary in NO_DATABASE:
+                if binary in NO_DATABASE or binary == SETUP_FUNCTION:
                     self.assertEqual(refs, set())
                 elif binary == "migrate":
                     self.assertEqual(refs, {"DbMigrateConnectPolicy"})
@@ -362,7 +367,9 @@ class TranslatedTemplate(unittest.TestCase):
         api = next(iter(resources(translated(), "AWS::ApiGatewayV2::Api").values()))
         cors = api["Properties"]["Body"]["x-amazon-apigateway-cors"]
         self.assertTrue(is_ref(cors.get("allowOrigins"), "CorsAllowedOrigins"), cors)
-        self.assertEqual(sorted(cors.get("allowHeaders", [])), ["Authorization", "Content-Type"])
+        self.assertEqual(sorted(cors.get("allowHeaders", [])), sorted(contract_cors()["allowHeaders"]))
+        self.assertEqual(sorted(cors.get("exposeHeaders", [])), sorted(contract_cors()["exposeHeaders"]))
+        self.assertTrue({"Authorization", "Content-Type", "Idempotency-Key"} <= set(cors.get("allowHeaders", [])))
         self.assertTrue(cors.get("allowMethods"), cors)
 
 
@@ -383,6 +390,21 @@ def cors_settings() -> dict:
         assert isinstance(c, dict), "CorsConfiguration: true means `*`"
         return {k[0].lower() + k[1:]: v for k, v in c.items()}
     return props.get("DefinitionBody", {}).get("x-amazon-apigateway-cors", {})
+
+
+def contract_cors() -> dict[str, list[str]]:
+    """API.md "## CORS": the request headers a preflight allows and the exposed response headers."""
+    text = API_MD.read_text(encoding="utf-8")
+    section = re.search(r"^## CORS\n(.*?)(?=^## )", text, re.M | re.S)
+    assert section, "API.md has no CORS section"
+    body = " ".join(section.group(1).split())
+    allowed = re.search(r"request headers[^(]*\(([^)]*)\)", body)
+    exposed = re.search(r"exposed response headers ((?:`[^`]+`(?:, | and )?)+)", body)
+    assert allowed and exposed, body
+    return {
+        "allowHeaders": re.findall(r"`([^`]+)`", allowed.group(1)),
+        "exposeHeaders": re.findall(r"`([^`]+)`", exposed.group(1)),
+    }
 
 
 class CorsNeverWildcard(unittest.TestCase):
@@ -413,7 +435,9 @@ class CorsNeverWildcard(unittest.TestCase):
 
     def test_headers_and_methods(self):
         cors = cors_settings()
-        self.assertEqual(sorted(cors.get("allowHeaders", [])), ["Authorization", "Content-Type"])
+        self.assertEqual(sorted(cors.get("allowHeaders", [])), sorted(contract_cors()["allowHeaders"]))
+        self.assertEqual(sorted(cors.get("exposeHeaders", [])), sorted(contract_cors()["exposeHeaders"]))
+        self.assertTrue({"Authorization", "Content-Type", "Idempotency-Key"} <= set(cors.get("allowHeaders", [])))
         used = {m for m, _, _ in template_routes()[0]}
         self.assertEqual(set(cors.get("allowMethods", [])) - {"OPTIONS"}, used)
         self.assertFalse(cors.get("allowCredentials", False))
@@ -550,7 +574,10 @@ class SecretsAreReferences(unittest.TestCase):
         envs = [("Globals", template()["Globals"]["Function"]["Environment"]["Variables"])]
         envs += [(k, f["Properties"].get("Environment", {}).get("Variables", {})) for k, f in functions().items()]
         self.assertIn("JWT_SECRET", envs[0][1])
-        self.assertIn("METRICS_TOKEN", envs[0][1])
+        # METRICS_TOKEN goes to `metrics` alone (test_translated checks every function).
+        _, metrics = function_by_binary("metrics")
+        self.assertIn("METRICS_TOKEN", metrics["Properties"]["Environment"]["Variables"])
+        self.assertNotIn("METRICS_TOKEN", envs[0][1])
         for where, variables in envs:
             for var in ("JWT_SECRET", "METRICS_TOKEN"):
                 if var not in variables:
@@ -576,6 +603,11 @@ class SecretsAreReferences(unittest.TestCase):
             with self.subTest(parameter=key):
                 self.assertIn(key, params)
                 if re.search(r"secret|token", key, re.I):
+                    if key.endswith("Stage"):
+                        # The staging label the first deploy pins (rotations set their own
+                        # labels on the stack, never here): a label, not a value.
+                        self.assertEqual(value, "AWSCURRENT", "only AWSCURRENT belongs here")
+                        continue
                     self.assertTrue(value.startswith("arn:"), "only the secret's ARN belongs here")
 
 

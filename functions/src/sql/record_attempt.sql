@@ -1,6 +1,7 @@
--- Counts one attempt in each ($1 bucket, $2 key) pair, all with the window $3 seconds.
+-- Counts one attempt in each (bucket, key) of the CTE `attempt_keys`, all with the window $3
+-- seconds. Composed into the statements that check a limit, so counting is the same round trip.
 INSERT INTO rate_limits AS r (bucket, key, window_start, attempts)
-SELECT bucket, key, now(), 1 FROM UNNEST($1::text[], $2::text[]) AS t(bucket, key)
+SELECT bucket, key, now(), 1 FROM attempt_keys
 ON CONFLICT (bucket, key) DO UPDATE SET
     window_start = CASE WHEN r.window_start <= now() - make_interval(secs => $3)
                         THEN now() ELSE r.window_start END,

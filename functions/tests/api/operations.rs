@@ -228,12 +228,10 @@ async fn cors_answers_only_named_origins(pool: PgPool) {
         r.headers["access-control-allow-methods"],
         "POST, GET, OPTIONS"
     );
-    assert!(
-        r.headers["access-control-allow-headers"]
-            .to_str()
-            .unwrap()
-            .contains("authorization")
-    );
+    let allowed = r.headers["access-control-allow-headers"].to_str().unwrap();
+    for name in ["authorization", "content-type", "idempotency-key"] {
+        assert!(allowed.contains(name), "{name} missing from {allowed}");
+    }
     let r = app
         .request("OPTIONS", "/messages")
         .header("origin", "https://evil.example")
@@ -449,7 +447,11 @@ async fn purge_clears_a_million_row_backlog(pool: PgPool) {
 
 #[sqlx::test(migrations = false)]
 async fn migrate_applies_the_embedded_schema_once(pool: PgPool) {
-    let db = common::db::Database::from_pool(pool);
+    let url = database_url_of(&pool).await;
+    let config =
+        common::config::DatabaseConfig::from_lookup(|k| (k == "DATABASE_URL").then(|| url.clone()))
+            .unwrap();
+    let db = common::db::Database::connect(&config).unwrap();
     let first = functions::migrate::run(&db).await.unwrap();
     assert!(!first.applied_now.is_empty());
     assert_eq!(first.latest_version, first.applied_now.last().copied());

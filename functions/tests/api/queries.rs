@@ -10,10 +10,29 @@ async fn plan(
         sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
     ) -> sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
 ) -> String {
+    plan_with(pool, sql, false, binds).await
+}
+
+/// The plan; with `index_only`, as the planner makes it when scans are priced out, which shows
+/// whether an index can serve the query at all on a table too small for the planner to use it.
+async fn plan_with(
+    pool: &PgPool,
+    sql: &str,
+    index_only: bool,
+    binds: impl FnOnce(
+        sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+) -> String {
     // Test-only: the statement is one of our own constants, explained inside a rolled-back
     // transaction (the UPDATE and DELETE are only planned, but to be safe nothing is kept).
     let explain = sqlx::AssertSqlSafe(format!("EXPLAIN (COSTS OFF) {sql}"));
     let mut tx = pool.begin().await.unwrap();
+    if index_only {
+        sqlx::query("SET LOCAL enable_seqscan = off")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
     let rows: Vec<String> = binds(sqlx::query(explain))
         .fetch_all(&mut *tx)
         .await
@@ -74,8 +93,9 @@ async fn each_query_uses_its_index_on_a_million_messages(pool: PgPool) {
         "fetch plan:\n{fetch}"
     );
 
-    let confirm = plan(&pool, functions::confirm_delivery::CONFIRM_SQL, |q| {
-        q.bind(uuid::Uuid::now_v7()).bind(recipient)
+    let confirm = plan(&pool, functions::confirm_deliveries::CONFIRM_SQL, |q| {
+        q.bind(recipient)
+            .bind(vec![uuid::Uuid::now_v7(), uuid::Uuid::now_v7()])
     })
     .await;
     assert!(
@@ -99,5 +119,20 @@ async fn each_query_uses_its_index_on_a_million_messages(pool: PgPool) {
         !purge.contains("Seq Scan on messages"),
         "purge plan:\n{purge}"
     );
-    println!("fetch:\n{fetch}\n\nconfirm:\n{confirm}\n\npurge:\n{purge}");
+    // Names are found by their locale-free key, on the unique index of that key.
+    let lookup = plan_with(&pool, functions::lookup_user::SQL, true, |q| {
+        q.bind(recipient).bind("user7")
+    })
+    .await;
+    assert!(lookup.contains("users_name_key"), "lookup plan:\n{lookup}");
+    let login = plan_with(&pool, functions::credentials::ATTEMPT_SQL, true, |q| {
+        q.bind(vec!["login_name"])
+            .bind(vec!["user7"])
+            .bind(900f64)
+            .bind(vec![5i32])
+            .bind("user7")
+    })
+    .await;
+    assert!(login.contains("users_name_key"), "login plan:\n{login}");
+    println!("fetch:\n{fetch}\n\nconfirm:\n{confirm}\n\npurge:\n{purge}\n\nlookup:\n{lookup}");
 }

@@ -23,12 +23,15 @@ pub fn key(name: &str) -> String {
     .unwrap()
 }
 
-/// Test defaults (bcrypt cost 4) overridden by `vars`.
+/// Test defaults overridden by `vars`: bcrypt cost 4, and otherwise the settings template.yaml
+/// deploys (no statement cache, one connection per instance).
 fn test_config(vars: &[(&str, &str)]) -> Config {
     let mut env: HashMap<String, String> = [
         ("JWT_SECRET", JWT_SECRET),
         ("DATABASE_URL", "postgres://unused-the-pool-is-given"),
         ("BCRYPT_COST", "4"),
+        ("DB_STATEMENT_CACHE_CAPACITY", "0"),
+        ("DB_MAX_CONNECTIONS", "1"),
     ]
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -47,13 +50,13 @@ impl TestApp {
         Self::with_env(pool, &[])
     }
 
-    /// A state as a Lambda instance would build it, from these variables over test defaults.
+    /// A state as a Lambda instance builds it, from these variables over test defaults: the
+    /// pool `Database::connect` makes (one connection, unnamed statements, as deployed) to the
+    /// test's database. `pool` stays the test's own, for setting up and checking.
     pub fn with_env(pool: PgPool, vars: &[(&str, &str)]) -> Self {
         let config = test_config(vars);
-        let state = Box::leak(Box::new(AppState::new(
-            config,
-            Database::from_pool(pool.clone()),
-        )));
+        let db = Database::connect_with(&config.database, (*pool.connect_options()).clone());
+        let state = Box::leak(Box::new(AppState::new(config, db)));
         Self { state, pool }
     }
 
@@ -99,6 +102,17 @@ impl TestApp {
     pub async fn user(&self, name: &str) -> (String, String) {
         let id = self.register(name).await;
         (id, self.login(name).await)
+    }
+}
+
+/// An instance's connections close when the test is done with it, so the harness can drop the
+/// test's database at once (PostgreSQL waits 5 s for sessions still connected, then gives up).
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        let pool = self.state.pool().clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { pool.close().await });
+        }
     }
 }
 

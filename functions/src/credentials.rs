@@ -1,0 +1,120 @@
+//! A password check that counts as a login attempt, for `POST /login` and `DELETE /me`.
+//!
+//! The attempt is counted in its three buckets before bcrypt runs, in the same statement that
+//! finds the user: however many attempts arrive at once, on however many instances, no more than
+//! each limit are ever checked against the password. A success gives its provisional count back
+//! and clears the name-and-address counter, its own.
+
+use common::domain::Password;
+use common::{ApiError, AppState, password};
+use uuid::Uuid;
+
+use crate::rate_limit::{Bucket, name_address_key};
+
+/// Counts the attempt (`$1` buckets, `$2` keys, `$3` window, `$4` limits) and finds the user by
+/// its name key (`$5`, on `users_name_key`). `retry_after` is set when any limit is exceeded.
+pub const ATTEMPT_SQL: &str = concat!(
+    "WITH attempt_keys AS (SELECT * FROM unnest($1::text[], $2::text[]) AS k(bucket, key)), ",
+    "limits AS (SELECT * FROM unnest($1::text[], $4::int[]) AS l(bucket, max_attempts)), ",
+    "attempt AS (\n",
+    include_str!("sql/record_attempt.sql"),
+    ")\n",
+    "SELECT u.id, u.hashed_password, ",
+    "(SELECT max(a.retry_after) FROM attempt a JOIN limits l USING (bucket) ",
+    "WHERE a.attempts > l.max_attempts) AS retry_after ",
+    "FROM (SELECT 1) AS one LEFT JOIN users u ON lower(u.name COLLATE \"C\") = $5"
+);
+
+/// After a success: the name-and-address counter (`$3`) back to zero, the others one less; and
+/// the hash replaced when it was made at another cost (`$5`, or NULL).
+pub const FORGIVE_SQL: &str = r#"
+WITH forgiven AS (
+    UPDATE rate_limits AS r
+    SET attempts = CASE WHEN r.bucket = $3 THEN 0 ELSE greatest(r.attempts - 1, 0) END
+    FROM unnest($1::text[], $2::text[]) AS k(bucket, key)
+    WHERE r.bucket = k.bucket AND r.key = k.key
+)
+UPDATE users SET hashed_password = $5 WHERE id = $4 AND $5::text IS NOT NULL
+"#;
+
+#[derive(sqlx::FromRow)]
+struct Attempt {
+    id: Option<Uuid>,
+    hashed_password: Option<String>,
+    retry_after: Option<i64>,
+}
+
+/// The id of the user named `name_key` when `password` is theirs. Over a limit: 429 before the
+/// password is looked at; a wrong password or unknown name: 401 `invalid_credentials`, in the
+/// same time.
+pub async fn check(
+    state: &AppState,
+    name_key: &str,
+    password: &Password,
+    address: &str,
+) -> Result<Uuid, ApiError> {
+    let config = &state.config;
+    let counters = [
+        (
+            Bucket::LoginNameAddress,
+            name_address_key(name_key, address),
+            config.login_max_failures,
+        ),
+        (
+            Bucket::LoginName,
+            name_key.to_string(),
+            config.login_max_failures_per_name,
+        ),
+        (
+            Bucket::LoginAddress,
+            address.to_string(),
+            config.login_max_failures_per_address,
+        ),
+    ];
+    let buckets: Vec<&str> = counters.iter().map(|(b, _, _)| b.as_str()).collect();
+    let keys: Vec<&str> = counters.iter().map(|(_, k, _)| k.as_str()).collect();
+    let limits: Vec<i32> = counters
+        .iter()
+        .map(|(_, _, max)| i32::try_from(*max).unwrap_or(i32::MAX))
+        .collect();
+
+    let attempt: Attempt = state
+        .db
+        .query_as(ATTEMPT_SQL)
+        .bind(&buckets)
+        .bind(&keys)
+        .bind(config.login_window_seconds as f64)
+        .bind(&limits)
+        .bind(name_key)
+        .fetch_one(state.pool())
+        .await?;
+    if let Some(retry_after) = attempt.retry_after {
+        return Err(ApiError::RateLimited {
+            retry_after_seconds: retry_after.max(1) as u64,
+        });
+    }
+
+    let cost = config.bcrypt_cost;
+    let stored = attempt.hashed_password;
+    let verified = password::verify(password, stored.clone(), cost).await?;
+    let (true, Some(user_id)) = (verified, attempt.id) else {
+        return Err(ApiError::InvalidCredentials);
+    };
+    let rehashed = match stored {
+        Some(hash) if password::needs_rehash(&hash, cost) => {
+            Some(password::hash(password, cost).await?)
+        }
+        _ => None,
+    };
+    state
+        .db
+        .query(FORGIVE_SQL)
+        .bind(&buckets)
+        .bind(&keys)
+        .bind(Bucket::LoginNameAddress.as_str())
+        .bind(user_id)
+        .bind(rehashed)
+        .execute(state.pool())
+        .await?;
+    Ok(user_id)
+}
