@@ -5,12 +5,14 @@ export CARGO_TERM_COLOR ?= never
 PORT ?= 9000
 VENV := .venv/bin
 
-.PHONY: help dev test test-unit test-e2e fuzz-api lint check-infra migrate test-purge-backlog build build-x86 deploy tools fmt clean-local
+.PHONY: help dev test test-unit test-client test-client-e2e test-e2e fuzz-api lint check-infra migrate test-purge-backlog build build-x86 deploy tools fmt clean-local
 .PHONY: deploy-infra setup-roles rotate-jwt-secret rotate-metrics-token smoke
 
 help:
 	@echo "make dev                 run the API at http://127.0.0.1:$(PORT) (cargo lambda watch)"
 	@echo "make test                formatting, clippy, unit + integration tests, end-to-end, infra checks"
+	@echo "make test-client         the messenger client: unit, RFC 9180 vector, cross-language (pyhpke)"
+	@echo "make test-client-e2e     the client end to end against the API of make dev (PORT=$(PORT))"
 	@echo "make fuzz-api            schemathesis against the local API and openapi.yaml (FUZZ_EXAMPLES=100)"
 	@echo "make migrate             apply migrations to the local (or \$$DATABASE_URL) database"
 	@echo "make test-purge-backlog  the slow purge test: 1,000,000 expired rows"
@@ -31,7 +33,7 @@ dev: tools
 migrate:
 	@DATABASE_URL="$$(bash scripts/database-url.sh)" cargo run --quiet --bin migrate
 
-test: tools lint test-unit test-e2e fuzz-api check-infra
+test: tools lint test-client test-unit test-e2e fuzz-api check-infra
 	@echo "==> make test: all passed"
 
 lint:
@@ -41,7 +43,17 @@ lint:
 # Unit tests and the in-process function tests (one fresh database per test). nextest runs each
 # test in its own process, which sqlx's per-test databases need.
 test-unit:
-	DATABASE_URL="$$(bash scripts/database-url.sh messenger_test)" cargo nextest run --workspace --no-fail-fast
+	DATABASE_URL="$$(bash scripts/database-url.sh messenger_test)" cargo nextest run --workspace --exclude client --no-fail-fast
+
+# The messenger client: unit tests, RFC 9180's vector, and the cross-language test against
+# Python's pyhpke (in its own .venv-client-interop/). Its end-to-end test, scripts/client-e2e.sh,
+# needs a running API: `make dev` in one terminal, `make test-client-e2e` in another.
+test-client:
+	@bash scripts/client-interop-venv.sh
+	MESSENGER_INTEROP_REQUIRED=1 cargo nextest run -p client --no-fail-fast
+
+test-client-e2e:
+	@bash scripts/client-e2e.sh http://127.0.0.1:$(PORT)
 
 test-e2e: tools
 	@bash scripts/e2e.sh

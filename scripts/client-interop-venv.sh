@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The cross-language test's own Python venv (.venv-client-interop/) with pyhpke from PyPI:
+# an independent HPKE implementation that client/tests/interop.rs holds the Rust client against.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=.venv-client-interop
+req=client/tests/interop/requirements.txt
+if [ ! -x "$venv/bin/python" ] || ! cmp -s "$req" "$venv/.requirements.txt"; then
+    echo "==> creating $venv (pyhpke)"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$req"
+    cp "$req" "$venv/.requirements.txt"
+fi
