@@ -13,5 +13,6 @@ echo "==> applying migrations"
 bash scripts/lambda-env.sh .local/dev.env
 echo "==> serving on http://127.0.0.1:$port (Ctrl-C stops)"
 # --disable-cors: our not-found function answers preflights, as it does behind API Gateway.
+# CONCURRENCY: instances per function (separate processes and pools), as Lambda scales out.
 exec .venv/bin/cargo-lambda lambda watch --invoke-address 127.0.0.1 --invoke-port "$port" \
-    --disable-cors --env-file .local/dev.env
+    --concurrency "${CONCURRENCY:-1}" --disable-cors --env-file .local/dev.env

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # End to end through the real binaries: `cargo lambda watch` serves the functions with the
-# Cargo.toml router on a free local port, and curl walks the contract: two users, keys, a
-# message sent, fetched, confirmed and gone, and the error answers on the way.
+# Cargo.toml router on a free local port, up to 8 instances of each function at once (separate
+# processes and pools, as Lambda scales out), every one at RUST_LOG=trace. curl walks the
+# contract: two users, keys, a message sent (and retried), fetched, confirmed in a batch and
+# gone, an account deleted, the error answers on the way; then races through the emulator
+# (simultaneous wrong logins, concurrent senders against a cursor-only reader), the messenger
+# client's own end-to-end run, and a search of the whole log for any secret.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,10 +21,11 @@ cargo build -p functions --bins --quiet
 # The per-name lockout is exercised below with this run's own names.
 JWT_SECRET="e2e-$(head -c 32 /dev/urandom | base64 | tr -d '\n/+=')" BCRYPT_COST=4 \
     METRICS_TOKEN=e2e-metrics-token REGISTER_MAX_PER_ADDRESS=1000000 \
-    LOGIN_MAX_FAILURES_PER_ADDRESS=1000000 LOGIN_MAX_FAILURES=5 bash scripts/lambda-env.sh "$work/env"
+    LOGIN_MAX_FAILURES_PER_ADDRESS=1000000 LOGIN_MAX_FAILURES=5 SEND_MAX_PER_WINDOW=100000 \
+    RUST_LOG=trace CORS_ALLOWED_ORIGINS=https://app.example bash scripts/lambda-env.sh "$work/env"
 
 .venv/bin/cargo-lambda lambda watch --invoke-address 127.0.0.1 --invoke-port "$port" \
-    --disable-cors --ignore-changes --env-file "$work/env" >"$log" 2>&1 &
+    --concurrency 8 --disable-cors --ignore-changes --env-file "$work/env" >"$log" 2>&1 &
 watch_pid=$!
 trap 'kill $watch_pid 2>/dev/null; wait $watch_pid 2>/dev/null; rm -rf "$work"' EXIT
 
@@ -32,10 +37,11 @@ done
 
 passed=0
 failed=0
-# call METHOD PATH EXPECTED_STATUS [BODY] [TOKEN] -> the response body in $body
+# call METHOD PATH EXPECTED_STATUS [BODY] [TOKEN] [EXTRA CURL ARGS...] -> the body in $body
 call() {
     local method=$1 path=$2 expected=$3 data=${4:-} token=${5:-}
-    local args=(-s -o "$work/body" -w '%{http_code}' -X "$method" "$base$path" -D "$work/headers")
+    shift $(($# < 5 ? $# : 5))
+    local args=(-s -o "$work/body" -w '%{http_code}' -X "$method" "$base$path" -D "$work/headers" "$@")
     [ -n "$data" ] && args+=(-H 'content-type: application/json' --data-binary "$data")
     [ -n "$token" ] && args+=(-H "authorization: Bearer $token")
     local status
@@ -102,6 +108,44 @@ call PUT "/messages/$message/delivered" 204 "" "$bob_token"
 call GET /messages 200 "" "$bob_token"
 expect "confirmed message is gone" [ "$(jq '.messages | length' <<<"$body")" = 0 ]
 
+# A retried send stores one message and gets the first answer again; the key with another
+# ciphertext is refused.
+second=$(printf 'second for bob %s' "$run" | base64)
+call POST /messages 201 "{\"recipient_id\":\"$bob\",\"encrypted_data\":\"$second\"}" "$alice_token" -H "idempotency-key: retry-$run"
+first_answer=$body
+call POST /messages 201 "{\"recipient_id\":\"$bob\",\"encrypted_data\":\"$second\"}" "$alice_token" -H "idempotency-key: retry-$run"
+expect "the retry is a replay" grep -qi '^idempotent-replayed: true' "$work/headers"
+expect "the replay is the first answer" [ "$body" = "$first_answer" ]
+call POST /messages 422 "{\"recipient_id\":\"$bob\",\"encrypted_data\":\"$ciphertext\"}" "$alice_token" -H "idempotency-key: retry-$run"
+expect "idempotency_key_reused body" [ "$(jq -r .error <<<"$body")" = idempotency_key_reused ]
+call POST /messages 400 "{\"recipient_id\":\"$bob\",\"encrypted_data\":\"$second\"}" "$alice_token" -H "idempotency-key: not valid"
+# Bob confirms what he has in one batch call.
+call GET /messages 200 "" "$bob_token"
+expect "one message despite the retry" [ "$(jq '.messages | length' <<<"$body")" = 1 ]
+pending=$(jq -c '[.messages[].id]' <<<"$body")
+unknown=$(cat /proc/sys/kernel/random/uuid)
+call POST /messages/delivered 200 "{\"ids\":$(jq -c ". + [\"$unknown\"]" <<<"$pending")}" "$bob_token"
+expect "batch confirm counts and reports" [ "$(jq -c . <<<"$body")" = "{\"confirmed\":1,\"not_found\":[\"$unknown\"]}" ]
+call POST /messages/delivered 400 '{"ids":["nope"]}' "$bob_token"
+call POST /messages/delivered 422 '{"ids":[]}' "$bob_token"
+call GET /messages 200 "" "$bob_token"
+expect "batch-confirmed message is gone" [ "$(jq '.messages | length' <<<"$body")" = 0 ]
+
+# A third account is deleted with its password; its token dies and its name is free again.
+call POST /register 201 "{\"name\":\"carol$run\",\"password\":\"carol-password\",\"public_key\":$key_a}"
+call POST /login 200 "{\"name\":\"carol$run\",\"password\":\"carol-password\"}"
+carol_token=$(jq -r .access_token <<<"$body")
+call DELETE /me 401 '{"password":"wrong-password"}' "$carol_token"
+expect "invalid_credentials carries WWW-Authenticate" grep -qi '^www-authenticate: Bearer' "$work/headers"
+call DELETE /me 204 '{"password":"carol-password"}' "$carol_token"
+call GET /me 401 "" "$carol_token"
+call POST /register 201 "{\"name\":\"carol$run\",\"password\":\"carol-password\",\"public_key\":$key_a}"
+
+# A browser preflight allows the contract's request headers; responses expose its headers.
+call OPTIONS /messages 204 "" "" -H "origin: https://app.example" -H "access-control-request-method: POST"
+expect "preflight allows Idempotency-Key" grep -qi '^access-control-allow-headers:.*idempotency-key' "$work/headers"
+expect "responses expose Idempotent-Replayed" grep -qi '^access-control-expose-headers:.*idempotent-replayed' "$work/headers"
+
 call GET /health 200
 call GET /health/ready 200
 expect "database ok" [ "$(jq -r .database <<<"$body")" = ok ]
@@ -122,15 +166,67 @@ call POST /login 429 "{\"name\":\"bob$run\",\"password\":\"bob-password\"}"
 expect "429 carries Retry-After" grep -qi '^retry-after: [0-9]' "$work/headers"
 call POST /login 200 "{\"name\":\"alice$run\",\"password\":\"alice-password\"}"
 
+# Races through the emulator, 8 instances per function. 12 wrong passwords at once for one name
+# from one address: at most LOGIN_MAX_FAILURES (5) are checked, the rest are 429.
+call POST /register 201 "{\"name\":\"racer$run\",\"password\":\"racer-password\",\"public_key\":$key_a}"
+statuses=$(seq 1 12 | xargs -P 12 -I{} curl -s -o /dev/null -w '%{http_code}\n' "$base/login" \
+    -H 'content-type: application/json' -d "{\"name\":\"racer$run\",\"password\":\"wrong-password\"}")
+checked=$(grep -c '^401$' <<<"$statuses" || true)
+expect "at most 5 of 12 simultaneous wrong passwords checked (got $checked)" [ "$checked" -le 5 ]
+expect "the others are 429" [ "$(grep -c '^429$' <<<"$statuses")" = $((12 - checked)) ]
+
+# 8 senders send 25 messages each, at once, while the recipient polls only with its last
+# cursor: every message arrives, none twice.
+call POST /register 201 "{\"name\":\"inbox$run\",\"password\":\"inbox-password\",\"public_key\":$key_a}"
+inbox=$(jq -r .id <<<"$body")
+call POST /login 200 "{\"name\":\"inbox$run\",\"password\":\"inbox-password\"}"
+inbox_token=$(jq -r .access_token <<<"$body")
+senders=()
+for s in 1 2 3 4 5 6 7 8; do
+    (
+        for n in $(seq 1 25); do
+            curl -s -o /dev/null "$base/messages" -H "authorization: Bearer $alice_token" \
+                -H 'content-type: application/json' \
+                -d "{\"recipient_id\":\"$inbox\",\"encrypted_data\":\"$(printf '%s:%s' "$s" "$n" | base64)\"}"
+        done
+    ) &
+    senders+=($!)
+done
+cursor=""
+: > "$work/received"
+for _ in $(seq 1 600); do
+    page=$(curl -s "$base/messages?limit=100${cursor:+&after=$cursor}" -H "authorization: Bearer $inbox_token")
+    jq -r '.messages[].encrypted_data' <<<"$page" >> "$work/received"
+    last=$(jq -r '.messages[-1].id // empty' <<<"$page")
+    [ -n "$last" ] && cursor=$last
+    [ "$(wc -l < "$work/received")" -ge 200 ] && break
+    sleep 0.1
+done
+wait "${senders[@]}"
+expect "all 200 messages through the cursor (got $(wc -l < "$work/received"))" [ "$(wc -l < "$work/received")" = 200 ]
+expect "none twice" [ "$(sort "$work/received" | uniq | wc -l)" = 200 ]
+
+# The messenger client's own end-to-end run, on this API and database, with this log.
+cargo build -p client --quiet
+if MESSENGER="$PWD/target/debug/messenger" LOG_FILE="$log" bash scripts/client-e2e.sh "$base" > "$work/client-e2e.log" 2>&1; then
+    passed=$((passed + 1))
+else
+    failed=$((failed + 1))
+    echo "FAIL: scripts/client-e2e.sh"
+    tail -30 "$work/client-e2e.log"
+fi
+
 # The purge binary, invoked with the EventBridge schedule event the aws_lambda_events crate ships.
 fixture=$(ls ~/.cargo/registry/src/*/aws_lambda_events-*/src/fixtures/example-eventbridge-schedule.json | head -n 1)
 purge=$(.venv/bin/cargo-lambda lambda invoke --invoke-address 127.0.0.1 --invoke-port "$port" purge --data-file "$fixture")
 expect "purge runs to completion: $purge" [ "$(jq -r .complete <<<"$purge")" = true ]
 
 # The logs of the whole exchange hold no password, token or ciphertext.
-for secret in alice-password bob-password "$alice_token" "$bob_token" "$ciphertext" e2e-metrics-token; do
+for secret in alice-password bob-password carol-password racer-password wrong-password \
+    "$alice_token" "$bob_token" "$carol_token" "$ciphertext" "$second" e2e-metrics-token; do
     expect "logs do not contain a secret" bash -c '! grep -qF -- "$1" "$2"' _ "$secret" "$log"
 done
+expect "the log is verbose (RUST_LOG=trace reached the functions)" grep -q '"level":"DEBUG"' "$log"
 expect "one JSON log line per request" grep -q '"message":"request".*"function":"send-message"' "$log"
 
 echo "e2e: $passed passed, $failed failed"

@@ -59,7 +59,8 @@ env -u METRICS_TOKEN \
     JWT_SECRET="fuzz-$(head -c 32 /dev/urandom | base64 | tr -d '\n/+=')" \
     JWT_TTL_SECONDS=3600 BCRYPT_COST=4 RUST_LOG="${RUST_LOG:-warn}" \
     LOGIN_MAX_FAILURES=1000000 LOGIN_MAX_FAILURES_PER_ADDRESS=1000000 \
-    REGISTER_MAX_PER_ADDRESS=1000000 \
+    LOGIN_MAX_FAILURES_PER_NAME=1000000 REGISTER_MAX_PER_ADDRESS=1000000 \
+    SEND_MAX_PER_WINDOW=1000000 \
     bash scripts/lambda-env.sh "$work/env"
 
 .venv/bin/cargo-lambda lambda watch --invoke-address 127.0.0.1 --invoke-port "$port" \
@@ -101,6 +102,8 @@ done
 curl -s -o /dev/null -X PUT "$base/update-key" -H "authorization: Bearer $token" || true
 curl -s -o /dev/null -X POST "$base/messages" -H "authorization: Bearer $token" || true
 curl -s -o /dev/null -X PUT "$base/messages/x/delivered" -H "authorization: Bearer $token" || true
+curl -s -o /dev/null -X POST "$base/messages/delivered" -H "authorization: Bearer $token" || true
+curl -s -o /dev/null -X DELETE "$base/me" -H "authorization: Bearer $token" || true
 
 echo "==> schemathesis: $examples examples per operation, phases $phases, seed $seed, $base"
 fuzz_started=$(date +%s)

@@ -503,6 +503,12 @@ class FunctionsBuildFromTheWorkspace(unittest.TestCase):
             with self.subTest(binary=binary):
                 self.assertEqual(env.get("JWT_SECRET", "") != "", "Tokens::Used" in source)
 
+    def test_log_level_is_a_level(self):
+        # A directive like `lambda_runtime=trace` would log raw events (passwords, tokens).
+        param = template()["Parameters"]["LogLevel"]
+        self.assertEqual(sorted(param["AllowedValues"]), ["debug", "error", "info", "trace", "warn"])
+        self.assertIn(param["Default"], param["AllowedValues"])
+
     def test_router_functions_are_binaries(self):
         routes, catch_all = router_table()
         self.assertLessEqual(set(routes.values()) | {f for _, f in catch_all}, EXPECTED_BINARIES)
