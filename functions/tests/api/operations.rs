@@ -318,6 +318,48 @@ async fn metrics_from_the_database(pool: PgPool) {
     assert_eq!(open.request("GET", "/metrics").send().await.status, 200);
 }
 
+/// Above `EXACT_COUNTS_UP_TO` rows the counts are the planner's estimates, read from the
+/// statistics ANALYZE keeps (autovacuum runs it as the table changes), not from the rows.
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn metrics_estimate_large_tables(pool: PgPool) {
+    let app = TestApp::new(pool.clone());
+    seed_messages(&pool, 200, 2_000).await;
+    sqlx::query(
+        "UPDATE messages SET is_delivered = true, encrypted_data = NULL \
+         WHERE ctid = ANY (ARRAY (SELECT ctid FROM messages WHERE expires_at > now() LIMIT 500))",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE messages")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let r = app.request("GET", "/metrics").send().await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let value = |name: &str| -> f64 {
+        r.text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in\n{}", r.text))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(value("messenger_counts_estimated"), 1.0);
+    assert_eq!(value("messenger_users"), 2.0, "users stay exact");
+    for (name, exact) in [
+        ("messenger_messages_pending", 1_500.0),
+        ("messenger_messages_delivered_awaiting_expiry", 500.0),
+        ("messenger_messages_expired_awaiting_purge", 200.0),
+    ] {
+        let estimate = value(name);
+        assert!(
+            (estimate - exact).abs() <= exact * 0.1,
+            "{name} {estimate}, exactly {exact}"
+        );
+    }
+}
+
 async fn seed_messages(pool: &PgPool, expired: i64, live: i64) -> (uuid::Uuid, uuid::Uuid) {
     let a = uuid::Uuid::now_v7();
     let b = uuid::Uuid::now_v7();
