@@ -636,7 +636,11 @@ async fn micro(
     let mut log = Vec::with_capacity(iterations);
     for _ in 0..iterations + iterations / 10 {
         let started = Instant::now();
-        let claims = state.jwt().unwrap().verify(&fx.alice_token).expect("valid token");
+        let claims = state
+            .jwt()
+            .unwrap()
+            .verify(&fx.alice_token)
+            .expect("valid token");
         jwt.push(started.elapsed());
         std::hint::black_box(claims);
         // The same event respond() logs per request.

@@ -48,11 +48,10 @@ where
 
 /// A second filter over `RUST_LOG`'s: both must let an event through.
 fn secret_safe_cap() -> Targets {
-    CAPPED_AT_DEBUG
-        .iter()
-        .fold(Targets::new().with_default(LevelFilter::TRACE), |cap, target| {
-            cap.with_target(*target, LevelFilter::DEBUG)
-        })
+    CAPPED_AT_DEBUG.iter().fold(
+        Targets::new().with_default(LevelFilter::TRACE),
+        |cap, target| cap.with_target(*target, LevelFilter::DEBUG),
+    )
 }
 
 #[cfg(test)]
