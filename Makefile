@@ -16,6 +16,7 @@ help:
 	@echo "make fuzz-api            schemathesis against the local API and openapi.yaml (FUZZ_EXAMPLES=100)"
 	@echo "make migrate             apply migrations to the local (or \$$DATABASE_URL) database"
 	@echo "make test-purge-backlog  the slow purge test: 1,000,000 expired rows"
+	@echo "make bench | soak        release benchmark report | soak run (SOAK_S=120): churn, sizes, p99 over time"
 	@echo "make build | deploy      release build for Lambda (arm64) | sam build && sam deploy"
 	@echo "make deploy-infra        network + database stack; deletion protection on once created"
 	@echo "make setup-roles         create the two database roles (once, after the first deploy)"
@@ -78,6 +79,17 @@ bench:
 	DATABASE_URL="$${BENCH_DATABASE_URL:-$$(env -u DATABASE_URL bash scripts/database-url.sh messenger_bench)}" \
 		cargo run --release --quiet -p bench
 
+# The soak run (not part of `make test`): register/login/send/fetch/confirm from 8 in-process
+# instances in the deployed configuration, TTL 30 s, the purge every 5 s, for SOAK_S seconds
+# (default 120); per 20-second slice: throughput, p50/p99 per operation, size of `messages` and
+# its indexes, dead tuples, autovacuum runs. On a cluster of its own (scripts/soak-database.sh)
+# with autovacuum on; SOAK_DATABASE_URL to point elsewhere (the name must contain "soak").
+.PHONY: soak
+soak:
+	cargo build --release -p bench
+	DATABASE_URL="$$(bash scripts/soak-database.sh)" SOAK_S="$${SOAK_S:-120}" \
+		cargo run --release --quiet -p bench -- soak
+
 # Lambda packages: arm64 through zig (the ziglang wheel cargo-lambda pulls into .venv, found on
 # PATH), or x86_64 with plain cargo.
 build: tools
@@ -108,5 +120,7 @@ fmt:
 	cargo fmt --all
 
 clean-local:
-	@if [ -f .local/pg/data/postmaster.pid ]; then runuser -u postgres -- pg_ctl -D .local/pg/data stop -m fast || true; fi
+	@for d in .local/pg/data .local/soak-pg/data; do \
+		if [ -f $$d/postmaster.pid ]; then runuser -u postgres -- pg_ctl -D $$d stop -m fast || true; fi; \
+	done
 	rm -rf .local

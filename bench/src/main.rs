@@ -8,11 +8,20 @@
 //! 3. Size and memory: stripped binary, zipped `bootstrap`, RSS at init and peak after 1,000
 //!    warm invocations.
 //! 4. bcrypt: login and register at the configured cost and at cost 4.
+//! 5. Unnamed statements (the deployed DB_STATEMENT_CACHE_CAPACITY=0) against cached named ones
+//!    on the cheap reads.
+//! 6. POST /messages through send_message() against the single INSERT it replaced.
+//! 7. The delivery cycle at page sizes 1, 10 and 100, batch confirm against per-id PUTs, and
+//!    the API calls and dollars per million delivered messages.
+//! 8. /metrics at 10 and 1,000,000 messages (BENCH_METRICS_ROWS), now and before; it empties
+//!    `messages`, so it runs last.
+//!
+//! `bench soak` (make soak) is the soak run instead: see soak.rs.
 //!
 //! Environment: DATABASE_URL (else `scripts/database-url.sh messenger_bench`; the database's
 //! name must contain "bench", since the bench empties its tables), BCRYPT_COST (default 12),
 //! BENCH_ITERATIONS (2000), BENCH_COLD_RUNS (20), BENCH_WARM_INVOCATIONS (1000),
-//! BENCH_BCRYPT_RUNS (10). For experiments: BENCH_PHASES (e.g. "23"), BENCH_FUNCTIONS (e.g.
+//! BENCH_BCRYPT_RUNS (10). For experiments: BENCH_PHASES (default "12345678"), BENCH_FUNCTIONS (e.g.
 //! "me,health"), BENCH_BIN_DIR (another build's binaries), BENCH_FUNCTION_ENV ("K=V,K=V" added
 //! to the functions' environment). The binaries are read from the directory of this executable
 //! (target/release after `cargo build --release --bins`).
@@ -23,12 +32,17 @@
 mod bcrypt;
 mod binaries;
 mod cold_start;
+mod delivery;
 mod fixture;
 mod footprint;
 mod handler_cost;
 mod machine;
+mod metrics_scale;
 mod report;
 mod runtime_api;
+mod sends;
+mod soak;
+mod statements;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -60,7 +74,7 @@ pub(crate) struct Settings {
     pub(crate) warm_invocations: usize,
     pub(crate) bcrypt_runs: usize,
     pub(crate) bin_dir: PathBuf,
-    /// Which parts to run ("1234" by default) and, for 2 and 3, which functions.
+    /// Which parts to run ("12345678" by default) and, for 2 and 3, which functions.
     pub(crate) phases: String,
     pub(crate) only: Option<Vec<String>>,
 }
@@ -110,7 +124,7 @@ impl Settings {
             warm_invocations: env_number("BENCH_WARM_INVOCATIONS", 1000).max(2),
             bcrypt_runs: env_number("BENCH_BCRYPT_RUNS", 10).max(1),
             bin_dir,
-            phases: std::env::var("BENCH_PHASES").unwrap_or_else(|_| "1234".into()),
+            phases: std::env::var("BENCH_PHASES").unwrap_or_else(|_| "12345678".into()),
             only: std::env::var("BENCH_FUNCTIONS")
                 .ok()
                 .filter(|v| !v.trim().is_empty())
@@ -138,6 +152,20 @@ impl Settings {
 // The functions' own runtime flavour, so in-process figures match what Lambda runs.
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
+    // The production log format, written (and paid for) per request, to /dev/null.
+    let devnull = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/null")
+        .expect("/dev/null");
+    let _ =
+        lambda_http::tracing::dispatcher::set_global_default(lambda_http::tracing::Dispatch::new(
+            common::telemetry::json_subscriber(std::sync::Mutex::new(devnull)),
+        ));
+    if std::env::args().nth(1).as_deref() == Some("soak") {
+        let url = std::env::var("DATABASE_URL").expect("DATABASE_URL (make soak sets it)");
+        soak::run(url).await;
+        return;
+    }
     let settings = Settings::from_env();
     if cfg!(debug_assertions) {
         eprintln!("warning: a debug build; run `cargo run --release -p bench` for real figures");
@@ -154,16 +182,6 @@ async fn main() {
         "missing {missing:?} in {}: run `cargo build --release --bins` first",
         settings.bin_dir.display()
     );
-
-    // The production log format, written (and paid for) per request, to /dev/null.
-    let devnull = std::fs::OpenOptions::new()
-        .write(true)
-        .open("/dev/null")
-        .expect("/dev/null");
-    let _ =
-        lambda_http::tracing::dispatcher::set_global_default(lambda_http::tracing::Dispatch::new(
-            common::telemetry::json_subscriber(std::sync::Mutex::new(devnull)),
-        ));
 
     let state = fixture::app_state(&settings.database_url, settings.bcrypt_cost, None).await;
     fixture::check_bench_database(state.pool()).await;
@@ -191,6 +209,18 @@ async fn main() {
         bcrypt::bcrypt_table(&settings, state, state4, &fx)
             .await
             .print();
+    }
+    if settings.phase('5') {
+        statements::phase5(&settings, &fx).await;
+    }
+    if settings.phase('6') {
+        sends::phase6(&settings, state, state4, &fx).await;
+    }
+    if settings.phase('7') {
+        delivery::phase7(&settings, state, state4, &fx).await;
+    }
+    if settings.phase('8') {
+        metrics_scale::phase8(&settings, state, &fx).await;
     }
 
     println!();

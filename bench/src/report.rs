@@ -12,6 +12,12 @@ impl Samples {
         Self(v)
     }
 
+    /// From values already in microseconds.
+    pub fn from_us(mut v: Vec<f64>) -> Self {
+        v.sort_by(f64::total_cmp);
+        Self(v)
+    }
+
     /// Nearest-rank percentile, in microseconds.
     pub fn pct(&self, p: f64) -> f64 {
         if self.0.is_empty() {

@@ -1,0 +1,162 @@
+//! Phase 6, what a send costs now: `POST /messages` through `send_message()` (the replay check,
+//! the sender's rate upsert, the recipient's row lock, the mailbox count, the insert and the
+//! cursor update) against the single INSERT it replaced, both bare on the same connection, at an
+//! empty mailbox and at one of 10,000 pending messages.
+
+use std::time::Instant;
+
+use common::AppState;
+use functions::api_event::ApiEvent;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::Settings;
+use crate::fixture::{Fixture, fresh_name, register};
+use crate::handler_cost::quiesce;
+use crate::report::{Samples, Table, us};
+use crate::statements::timed;
+
+/// `POST /messages` before the delivery guarantees (commit 5576fcc): one statement, no quota,
+/// no lock, no cursor. It still runs on today's schema (the new columns have defaults).
+pub(crate) const PREVIOUS_INSERT_SQL: &str = r#"
+INSERT INTO messages (id, sender_id, recipient_id, encrypted_data, "timestamp", expires_at)
+SELECT $1, $2, u.id, $4, now(), now() + make_interval(secs => $5)
+FROM users u WHERE u.id = $3
+RETURNING id, sender_id, recipient_id, "timestamp", expires_at
+"#;
+
+async fn send_now(state: &AppState, from: Uuid, to: Uuid, data: &[u8]) -> f64 {
+    let c = &state.config;
+    quiesce(state.pool()).await;
+    let started = Instant::now();
+    let outcome: String = state
+        .db
+        .query_scalar(functions::send_message::SEND_SQL)
+        .bind(Uuid::now_v7())
+        .bind(from)
+        .bind(to)
+        .bind(data)
+        .bind(c.message_ttl_seconds as f64)
+        .bind(None::<&str>)
+        .bind(None::<Vec<u8>>)
+        .bind(c.send_max_per_window as i32)
+        .bind(c.send_window_seconds as f64)
+        .bind(c.max_pending_per_recipient as i32)
+        .bind(c.max_pending_bytes_per_recipient as i64)
+        .fetch_one(state.pool())
+        .await
+        .expect("send_message()");
+    let elapsed = started.elapsed().as_secs_f64() * 1e6;
+    assert_eq!(outcome, "stored");
+    elapsed
+}
+
+async fn send_before(state: &AppState, from: Uuid, to: Uuid, data: &[u8]) -> f64 {
+    quiesce(state.pool()).await;
+    let started = Instant::now();
+    state
+        .db
+        .query(PREVIOUS_INSERT_SQL)
+        .bind(Uuid::now_v7())
+        .bind(from)
+        .bind(to)
+        .bind(data)
+        .bind(state.config.message_ttl_seconds as f64)
+        .fetch_one(state.pool())
+        .await
+        .expect("the previous INSERT");
+    started.elapsed().as_secs_f64() * 1e6
+}
+
+pub(crate) async fn phase6(
+    settings: &Settings,
+    state: &'static AppState,
+    state4: &'static AppState,
+    fx: &Fixture,
+) {
+    let n = (settings.iterations / 2).max(10);
+    let warmup = (n / 10).max(20);
+    let mut table = Table::new(
+        &format!(
+            "6. POST /messages (1 KiB): send_message() against the previous single INSERT (us; in process, deployed settings, interleaved, {n} iterations)"
+        ),
+        &["what", "mailbox", "p50", "p99"],
+    );
+    // A recipient of its own, starting empty.
+    let to = register(state4, &fresh_name("dave")).await;
+    let request = ApiEvent::new("POST", "/messages")
+        .bearer(&fx.alice_token)
+        .json(json!({"recipient_id": to, "encrypted_data": fx.ciphertext_b64}));
+    let (mut handler, mut now, mut before) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..warmup + n {
+        let h = timed(state, &request, 201).await;
+        let a = send_now(state, fx.alice, to, &fx.ciphertext).await;
+        let b = send_before(state, fx.alice, to, &fx.ciphertext).await;
+        if i >= warmup {
+            handler.push(h);
+            now.push(a);
+            before.push(b);
+        }
+    }
+    let grown = 3 * (warmup + n);
+    for (what, v) in [
+        ("handler, POST /messages (send_message())", handler),
+        ("bare SQL, send_message()", now),
+        ("bare SQL, the previous INSERT", before),
+    ] {
+        let s = Samples::from_us(v);
+        table.row(vec![
+            what.into(),
+            format!("0 to {grown}"),
+            us(s.p50()),
+            us(s.p99()),
+        ]);
+    }
+
+    // The mailbox count reads the recipient's pending entries from the index: a full mailbox.
+    let full = register(state4, &fresh_name("erin")).await;
+    state
+        .db
+        .query(
+            "INSERT INTO messages (id, sender_id, recipient_id, encrypted_data, size, expires_at) \
+             SELECT gen_random_uuid(), $1, $2, $3, octet_length($3), now() + interval '7 days' \
+             FROM generate_series(1, 10000)",
+        )
+        .bind(fx.alice)
+        .bind(full)
+        .bind(fx.ciphertext.as_slice())
+        .execute(state.pool())
+        .await
+        .expect("filling a mailbox");
+    state
+        .db
+        .query("VACUUM ANALYZE messages")
+        .execute(state.pool())
+        .await
+        .expect("vacuum");
+    let m = (n / 5).max(10);
+    let (mut now, mut before) = (Vec::new(), Vec::new());
+    for i in 0..m + 20 {
+        let a = send_now(state, fx.alice, full, &fx.ciphertext).await;
+        let b = send_before(state, fx.alice, full, &fx.ciphertext).await;
+        if i >= 20 {
+            now.push(a);
+            before.push(b);
+        }
+    }
+    for (what, v) in [
+        ("bare SQL, send_message()", now),
+        ("bare SQL, the previous INSERT", before),
+    ] {
+        let s = Samples::from_us(v);
+        table.row(vec![
+            what.into(),
+            "10,000 pending".into(),
+            us(s.p50()),
+            us(s.p99()),
+        ]);
+    }
+    table.note("send_message(): replay check (no key here), sender-rate upsert, FOR NO KEY UPDATE on the recipient's users row, count and bytes of its pending mail from messages_pending_by_recipient, insert, cursor update; one round trip");
+    table.note("the previous INSERT: one statement, no quota, no lock (commit 5576fcc's SQL on today's schema and indexes); the bench lifts the quotas' limits, not their counting");
+    table.print();
+}
