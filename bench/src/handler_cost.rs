@@ -202,6 +202,7 @@ pub(crate) async fn run_sql(sql: Sql, state: &AppState, fx: &Fixture) -> Option<
         Sql::Ready => db.query(READY_SQL).execute(pool).await.map(drop),
         Sql::Metrics => db
             .query(functions::metrics::SNAPSHOT_SQL)
+            .bind(functions::metrics::EXACT_COUNTS_UP_TO)
             .fetch_one(pool)
             .await
             .map(drop),

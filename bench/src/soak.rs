@@ -197,8 +197,12 @@ async fn instance(
     while !stop.load(Ordering::Relaxed) {
         next += interval;
         let roll = rng.percent();
+        // The active users are the newest `users`: a registration retires the oldest, who stops
+        // sending and fetching (what was left for them expires), so the population, and with it
+        // how long a message waits for its fetch, stays steady over the run.
         let user_count = shared.users.lock().unwrap().len();
-        let me = rng.below(user_count);
+        let first_active = user_count.saturating_sub(settings.users);
+        let me = first_active + rng.below(user_count - first_active);
         let token = shared.users.lock().unwrap()[me].token.clone();
         if roll < 2 {
             let started = Instant::now();
@@ -221,9 +225,10 @@ async fn instance(
             .await;
             record(Op::Login, took, status);
         } else if roll < 60 {
-            let to = shared.users.lock().unwrap()[rng.below(user_count)]
-                .id
-                .clone();
+            let to = shared.users.lock().unwrap()
+                [first_active + rng.below(user_count - first_active)]
+            .id
+            .clone();
             // One message in five is 4 KiB, over the TOAST threshold (about 2 KiB).
             let data = if rng.percent() < 20 { &large } else { &small };
             let mut request = ApiEvent::new("POST", "/messages")
@@ -322,7 +327,23 @@ struct TableState {
     autoanalyzes: i64,
     toast_dead: i64,
     toast_autovacuums: i64,
+    pending: i64,
 }
+
+/// How full the pages are (pgstattuple, when the extension can be created): the heap's share of
+/// live tuples, and the indexes' average leaf density weighted by their leaf pages.
+#[derive(sqlx::FromRow)]
+struct Density {
+    heap_live_percent: Option<f64>,
+    index_leaf_density: Option<f64>,
+}
+
+const DENSITY_SQL: &str = r#"
+SELECT (SELECT tuple_percent FROM pgstattuple('messages')) AS heap_live_percent,
+       (SELECT sum(s.avg_leaf_density * s.leaf_pages) / nullif(sum(s.leaf_pages), 0)
+        FROM pg_index i, LATERAL pgstatindex(i.indexrelid::regclass) s
+        WHERE i.indrelid = 'messages'::regclass) AS index_leaf_density
+"#;
 
 const TABLE_STATE_SQL: &str = r#"
 SELECT pg_relation_size(c.oid) AS heap,
@@ -330,7 +351,8 @@ SELECT pg_relation_size(c.oid) AS heap,
        pg_indexes_size(c.oid) AS indexes,
        s.n_live_tup AS live, s.n_dead_tup AS dead,
        s.autovacuum_count AS autovacuums, s.autoanalyze_count AS autoanalyzes,
-       coalesce(t.n_dead_tup, 0) AS toast_dead, coalesce(t.autovacuum_count, 0) AS toast_autovacuums
+       coalesce(t.n_dead_tup, 0) AS toast_dead, coalesce(t.autovacuum_count, 0) AS toast_autovacuums,
+       (SELECT count(*) FROM messages WHERE NOT is_delivered AND expires_at > now()) AS pending
 FROM pg_class c JOIN pg_stat_user_tables s ON s.relid = c.oid
 LEFT JOIN pg_stat_all_tables t ON t.relid = c.reltoastrelid
 WHERE c.oid = 'messages'::regclass
@@ -398,6 +420,12 @@ pub(crate) async fn run(url: String) {
     .fetch_all(pool)
     .await
     .expect("settings");
+    let stattuple = admin
+        .db
+        .query("CREATE EXTENSION IF NOT EXISTS pgstattuple")
+        .execute(pool)
+        .await
+        .is_ok();
     let shared = Arc::new(Shared::default());
     let leak: &'static AppState = Box::leak(Box::new(admin));
     for _ in 0..settings.users {
@@ -417,7 +445,7 @@ pub(crate) async fn run(url: String) {
         settings.users
     );
     println!(
-        "mix : 55% send (1 in 5 of 4 KiB, TOASTed; 30% with Idempotency-Key), 40% fetch ?limit=50 from the user's cursor then 70% batch confirm / 10% one PUT per id / 20% left to expire, 3% login, 2% register"
+        "mix : 55% send (1 in 5 of 4 KiB, TOASTed; 30% with Idempotency-Key), 40% fetch ?limit=50 from the user's cursor then 70% batch confirm / 10% one PUT per id / 20% left to expire, 3% login, 2% register (each retiring the oldest of the SOAK_USERS active users)"
     );
     println!("messages reloptions: {options}");
     println!(
@@ -468,6 +496,9 @@ pub(crate) async fn run(url: String) {
             "autoanalyze",
             "toast dead",
             "toast autovac",
+            "pending",
+            "heap live %",
+            "idx leaf %",
         ],
     );
     // pg_stat counters outlive TRUNCATE: the table shows the runs since this start.
@@ -515,6 +546,15 @@ pub(crate) async fn run(url: String) {
             .fetch_one(leak.pool())
             .await
             .expect("table state");
+        let density: Option<Density> = if stattuple {
+            leak.db
+                .query_as(DENSITY_SQL)
+                .fetch_one(leak.pool())
+                .await
+                .ok()
+        } else {
+            None
+        };
         let mib = |b: i64| format!("{:.1}", b as f64 / 1048576.0);
         let (send, fetch, batch, one, login) = (
             stat(Op::Send),
@@ -546,6 +586,15 @@ pub(crate) async fn run(url: String) {
             (t.autoanalyzes - baseline.autoanalyzes).to_string(),
             bytes(t.toast_dead.max(0) as u64),
             (t.toast_autovacuums - baseline.toast_autovacuums).to_string(),
+            bytes(t.pending.max(0) as u64),
+            density
+                .as_ref()
+                .and_then(|d| d.heap_live_percent)
+                .map_or("-".into(), |v| format!("{v:.0}")),
+            density
+                .as_ref()
+                .and_then(|d| d.index_leaf_density)
+                .map_or("-".into(), |v| format!("{v:.0}")),
         ];
         purged_before = purged;
         println!("{}", row.join("  "));
@@ -576,6 +625,7 @@ pub(crate) async fn run(url: String) {
             .join(", ")
     ));
     overview.note("ops/s: handler calls finished in the slice (the purge not counted); non-2xx: answers outside 200-299 (429 mailbox_full would show here); purged: messages the purge deleted in the slice");
+    overview.note("pending: undelivered, unexpired messages; heap live %: pgstattuple's tuple_percent (the rest is dead tuples and free space); idx leaf %: pgstatindex's avg_leaf_density over the table's indexes, weighted by leaf pages");
     overview.note("heap/toast/idx: pg_relation_size, the TOAST table with its index, pg_indexes_size; live/dead/autovac: pg_stat_user_tables (n_live_tup, n_dead_tup, autovacuum_count, autoanalyze_count, counted from the start of the run)");
     overview.print();
 }
