@@ -54,6 +54,11 @@ fn secret_safe_cap() -> Targets {
     )
 }
 
+/// Installs the JSON subscriber on stdout, once per process.
+pub fn init() {
+    let _ = tracing::subscriber::set_global_default(json_subscriber(std::io::stdout));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,9 +72,4 @@ mod tests {
         assert!(cap.would_enable("lambda_runtime", &Level::DEBUG));
         assert!(cap.would_enable("functions::login", &Level::TRACE));
     }
-}
-
-/// Installs the JSON subscriber on stdout, once per process.
-pub fn init() {
-    let _ = tracing::subscriber::set_global_default(json_subscriber(std::io::stdout));
 }

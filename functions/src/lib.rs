@@ -1,6 +1,8 @@
 //! The Secure Messenger functions: one handler module per Lambda binary (`src/bin/<name>.rs`),
 //! compiled once as this library so the binaries only link it.
 
+/// API Gateway events for tests and the bench, not shipped in the Lambda binaries.
+#[cfg(feature = "test-support")]
 pub mod api_event;
 pub mod confirm_deliveries;
 pub mod confirm_delivery;
