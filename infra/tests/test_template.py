@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import re
+import sys
 import tomllib
 import unittest
 from pathlib import Path
@@ -675,12 +676,14 @@ class InfraStackFeedsTheApp(unittest.TestCase):
 
 
 class RustRouteTableAgrees(unittest.TestCase):
-    """functions/src/routes.rs (used by not-found for 404 vs 405, and by the tests) is the
-    fourth route table: it must equal the router's."""
+    """functions/src/routes.rs (the `routes!` table that `dispatch` and not-found's 404/405 come
+    from) is the source of the router: it must equal the router's."""
 
     def test_routes_rs_matches_router(self):
-        text = (CARGO_TOML.parent / "functions" / "src" / "routes.rs").read_text(encoding="utf-8")
-        rust = {(m, p): f for m, p, f in re.findall(r'\("([A-Z]+)", "(/[^"]*)", "([a-z-]+)"\)', text)}
+        sys.path.insert(0, str(REPO / "scripts"))
+        from routes import table
+
+        rust = {(m, p): f for m, p, f, _ in table()}
         router, _ = router_table()
         self.assertEqual(rust, router, "functions/src/routes.rs and the Cargo.toml router disagree")
 
