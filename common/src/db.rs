@@ -11,6 +11,7 @@ use sqlx::query::{Query, QueryAs, QueryScalar};
 use sqlx::{FromRow, PgPool, Postgres};
 
 use crate::config::{DatabaseConfig, DatabaseTarget, IamDatabase, SslMode};
+use crate::error::ApiError;
 use crate::rds_token;
 
 /// The schema, embedded so the `migrate` function can apply it inside AWS.
@@ -168,6 +169,17 @@ fn iam_base_options(iam: &IamDatabase, statement_cache_capacity: usize) -> PgCon
     match &iam.ssl_root_cert {
         Some(path) => options.ssl_root_cert(path),
         None => options,
+    }
+}
+
+/// A database failure at the edge: 503 when the database cannot be reached, else 500.
+impl From<sqlx::Error> for ApiError {
+    fn from(error: sqlx::Error) -> Self {
+        if is_unavailable(&error) {
+            Self::Unavailable(short_reason(&error))
+        } else {
+            Self::Internal(error.to_string())
+        }
     }
 }
 

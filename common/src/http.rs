@@ -1,12 +1,12 @@
-//! Request and response helpers shared by every HTTP function.
+//! Request helpers shared by every HTTP function: the body, the caller, the client address,
+//! path and query values, each refused with the contract's `ApiError`.
 
 use std::cell::Cell;
 use std::net::{IpAddr, Ipv6Addr};
 
-use lambda_http::http::{HeaderValue, StatusCode, header};
+use lambda_http::http::header;
 use lambda_http::request::RequestContext;
-use lambda_http::{Body, Request, RequestExt, Response};
-use serde::Serialize;
+use lambda_http::{Request, RequestExt};
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::{Map, Value};
 use subtle::ConstantTimeEq;
@@ -14,29 +14,6 @@ use uuid::Uuid;
 
 use crate::error::ApiError;
 use crate::jwt::JwtKeys;
-
-pub fn json_response<T: Serialize + ?Sized>(status: StatusCode, body: &T) -> Response<Body> {
-    let text = serde_json::to_string(body)
-        .unwrap_or_else(|_| r#"{"error":"internal","message":"internal error"}"#.into());
-    json_text_response(status, text)
-}
-
-/// A response whose body is already JSON text.
-pub fn json_text_response(status: StatusCode, text: String) -> Response<Body> {
-    let mut response = Response::new(Body::Text(text));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-pub fn no_content() -> Response<Body> {
-    let mut response = Response::new(Body::Empty);
-    *response.status_mut() = StatusCode::NO_CONTENT;
-    response
-}
 
 /// The top-level fields of a JSON object body. Unknown fields are ignored (clients may be newer
 /// than the server); duplicate keys are refused, since two parsers could read them differently.
@@ -225,6 +202,7 @@ pub fn query_param(request: &Request, name: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lambda_http::Body;
 
     fn request(body: &str, content_type: Option<&str>) -> Request {
         let mut builder = lambda_http::http::Request::builder()

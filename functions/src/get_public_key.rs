@@ -1,7 +1,8 @@
 //! GET /public-key/{user_id}: another user's public key.
 
 use common::domain::parse_id;
-use common::http::{authenticate, json_response, path_param};
+use common::http::{authenticate, path_param};
+use common::response::json_response;
 use common::runtime::HandlerResult;
 use common::{ApiError, AppState};
 use lambda_http::Request;

@@ -2,7 +2,8 @@
 
 use chrono::{DateTime, Utc};
 use common::domain::UserName;
-use common::http::{authenticate, json_response, query_param};
+use common::http::{authenticate, query_param};
+use common::response::json_response;
 use common::runtime::HandlerResult;
 use common::{ApiError, AppState};
 use lambda_http::Request;

@@ -1,6 +1,7 @@
 //! GET /me: the caller's own account.
 
-use common::http::{authenticate, json_response};
+use common::http::authenticate;
+use common::response::json_response;
 use common::runtime::HandlerResult;
 use common::{ApiError, AppState};
 use lambda_http::Request;

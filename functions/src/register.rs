@@ -2,7 +2,8 @@
 
 use chrono::{DateTime, Utc};
 use common::domain::{Password, PublicKeyPem, UserName};
-use common::http::{client_address, json_body, json_response};
+use common::http::{client_address, json_body};
+use common::response::json_response;
 use common::runtime::HandlerResult;
 use common::{ApiError, AppState, password};
 use lambda_http::Request;
