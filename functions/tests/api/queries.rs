@@ -44,6 +44,37 @@ async fn plan_with(
     rows.join("\n")
 }
 
+/// Every statement the functions run is prepared against the migrated schema, so a misspelt
+/// column or a wrong parameter type fails here, not in a request.
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn every_statement_prepares_against_the_schema(pool: PgPool) {
+    use sqlx::Executor;
+    let statements = [
+        functions::register::PRECHECK_SQL,
+        functions::register::INSERT_SQL,
+        functions::credentials::ATTEMPT_SQL,
+        functions::credentials::FORGIVE_SQL,
+        functions::me::SQL,
+        functions::delete_account::CALLER_SQL,
+        functions::delete_account::DELETE_SQL,
+        functions::get_public_key::SQL,
+        functions::lookup_user::SQL,
+        functions::update_key::UPDATE_SQL,
+        functions::send_message::SEND_SQL,
+        functions::get_messages::PAGE_SQL,
+        functions::confirm_deliveries::CONFIRM_SQL,
+        functions::purge::DELETE_MESSAGES_SQL,
+        functions::purge::DELETE_RATE_LIMITS_SQL,
+        functions::purge::RECORD_RUN_SQL,
+        functions::metrics::SNAPSHOT_SQL,
+    ];
+    for sql in statements {
+        if let Err(error) = pool.describe(sqlx::SqlSafeStr::into_sql_str(sql)).await {
+            panic!("{error}\n{sql}");
+        }
+    }
+}
+
 #[sqlx::test(migrator = "common::db::MIGRATOR")]
 async fn each_query_uses_its_index_on_a_million_messages(pool: PgPool) {
     let users: Vec<uuid::Uuid> = (0..100).map(|_| uuid::Uuid::now_v7()).collect();
