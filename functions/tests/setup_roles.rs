@@ -62,7 +62,11 @@ async fn create_db_user_sql_runs_twice_and_both_roles_log_in_with_iam(pool: PgPo
     // What a session of the app role gets at login (`SET ROLE` would not apply role settings):
     // the limits, and a statement over the limit cancelled (57014, query_canceled). Needs a server
     // that lets the role log in without a password, like `make dev`'s; skipped where it cannot.
-    let as_app = pool.connect_options().as_ref().clone().username("messenger_app");
+    let as_app = pool
+        .connect_options()
+        .as_ref()
+        .clone()
+        .username("messenger_app");
     match PgConnection::connect_with(&as_app).await {
         Ok(mut app) => {
             for (name, value) in [

@@ -205,7 +205,7 @@ class CapacityFromTheInstanceClass(unittest.TestCase):
     def test_each_instance_holds_one_connection(self):
         # The arithmetic counts one client connection per function instance.
         env = template()["Globals"]["Function"]["Environment"]["Variables"]
-        self.assertIn(str(env.get("DB_MAX_CONNECTIONS", "1")), ("1",))
+        self.assertEqual(str(env.get("DB_MAX_CONNECTIONS", "1")), "1")
         m = re.search(r'"DB_MAX_CONNECTIONS",\s*(\d+)', CONFIG_RS.read_text(encoding="utf-8"))
         self.assertEqual(m.group(1), "1")
         self.assertEqual(proxy_pool()["ConnectionBorrowTimeout"], 1)
