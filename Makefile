@@ -19,7 +19,7 @@ help:
 	@echo "make migrate             apply migrations to the local (or \$$DATABASE_URL) database"
 	@echo "make test-purge-backlog  the slow purge test: 1,000,000 expired rows"
 	@echo "make build | deploy      release build for Lambda (arm64) | sam build && sam deploy"
-	@echo "make deploy-infra        network + database stack; deletion protection on once created"
+	@echo "make deploy-infra        network + database stack (ALARM_TOPIC_ARN=arn:aws:sns:... the first time); deletion protection on once created"
 	@echo "make setup-roles         create the two database roles (once, after the first deploy)"
 	@echo "make rotate-jwt-secret   new JWT key into the functions (live tokens stop working)"
 	@echo "make rotate-metrics-token  likewise for the /metrics bearer token"

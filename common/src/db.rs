@@ -193,12 +193,16 @@ pub fn is_unavailable(error: &sqlx::Error) -> bool {
         | sqlx::Error::Protocol(_)
         | sqlx::Error::WorkerCrashed => true,
         // 08: connection exception, 53: insufficient resources, 57P: operator intervention
-        // (shutdown, crash recovery), 28: authentication (an expired or refused IAM token).
+        // (shutdown, crash recovery), 28: authentication (an expired or refused IAM token),
+        // 57014 / 55P03: the role's statement_timeout / lock_timeout (infra/create-db-user.sql),
+        // a database too busy to answer in time: retry shortly, not a bug.
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             code.starts_with("08")
                 || code.starts_with("53")
                 || code.starts_with("57P")
                 || code.starts_with("28")
+                || code == "57014"
+                || code == "55P03"
         }),
         _ => false,
     }

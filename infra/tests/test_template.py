@@ -243,6 +243,8 @@ def policy_statements(doc: dict) -> list[tuple[str, dict]]:
         props = res.get("Properties", {})
         if res["Type"] in ("AWS::IAM::ManagedPolicy", "AWS::IAM::Policy"):
             add(logical_id, props["PolicyDocument"])
+        elif res["Type"] == "AWS::KMS::Key":
+            add(f"{logical_id}/KeyPolicy", props["KeyPolicy"])
         elif res["Type"] == "AWS::IAM::Role":
             for p in props.get("Policies", []):
                 add(f"{logical_id}/{p.get('PolicyName')}", p["PolicyDocument"])
