@@ -34,6 +34,8 @@ where
         .and_then(|directives| directives.parse::<Targets>().ok())
         .unwrap_or_else(|| DEFAULT_FILTER.parse().expect("the default filter parses"));
     tracing_subscriber::fmt()
+        // The builder alone would stop at INFO; RUST_LOG and the cap below decide.
+        .with_max_level(LevelFilter::TRACE)
         .json()
         .with_target(false)
         .with_current_span(false)
