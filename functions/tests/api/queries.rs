@@ -75,6 +75,25 @@ async fn every_statement_prepares_against_the_schema(pool: PgPool) {
     }
 }
 
+/// The rate-limit buckets: `Bucket` in Rust and the table's CHECK list the same names.
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn rate_limit_buckets_agree_with_the_schema(pool: PgPool) {
+    let check: String = sqlx::query_scalar(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'rate_limits_bucket_check'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let mut in_schema: Vec<&str> = check.split('\'').skip(1).step_by(2).collect();
+    in_schema.sort_unstable();
+    let mut in_rust: Vec<&str> = functions::rate_limit::Bucket::ALL
+        .iter()
+        .map(|b| b.as_str())
+        .collect();
+    in_rust.sort_unstable();
+    assert_eq!(in_rust, in_schema, "{check}");
+}
+
 #[sqlx::test(migrator = "common::db::MIGRATOR")]
 async fn each_query_uses_its_index_on_a_million_messages(pool: PgPool) {
     let users: Vec<uuid::Uuid> = (0..100).map(|_| uuid::Uuid::now_v7()).collect();
