@@ -56,7 +56,9 @@ impl Database {
                     database: iam.clone(),
                     signed_at: Mutex::new(Instant::now()),
                 };
-                let first = tokens.options_with_fresh_token();
+                let first = tokens
+                    .options_with_fresh_token()
+                    .map_err(|e| DatabaseInitError(e.to_string()))?;
                 Ok(Self {
                     pool: pool_options(config).connect_lazy_with(first),
                     iam: Some(tokens),
@@ -121,8 +123,11 @@ impl Database {
             .map(|at| at.elapsed() >= IAM_TOKEN_REFRESH)
             .unwrap_or(true);
         if due {
-            self.pool
-                .set_connect_options(iam.options_with_fresh_token());
+            match iam.options_with_fresh_token() {
+                Ok(options) => self.pool.set_connect_options(options),
+                // The current token is good for 5 more minutes; the next invocation tries again.
+                Err(error) => tracing::warn!(error = %error, "IAM token refresh failed"),
+            }
         }
     }
 }
@@ -141,16 +146,16 @@ fn pool_options(config: &DatabaseConfig) -> PgPoolOptions {
 }
 
 impl IamTokens {
-    fn options_with_fresh_token(&self) -> PgConnectOptions {
+    fn options_with_fresh_token(&self) -> Result<PgConnectOptions, rds_token::SigningError> {
         let token = rds_token::auth_token(
             &self.database.endpoint,
             &self.database.credentials,
             chrono::Utc::now(),
-        );
+        )?;
         if let Ok(mut at) = self.signed_at.lock() {
             *at = Instant::now();
         }
-        self.base_options.clone().password(token.expose())
+        Ok(self.base_options.clone().password(token.expose()))
     }
 }
 
