@@ -6,6 +6,7 @@ PORT ?= 9000
 VENV := .venv/bin
 
 .PHONY: help dev test test-unit test-client test-client-e2e test-e2e fuzz-api lint check-infra migrate test-purge-backlog build build-x86 deploy tools fmt clean-local
+.PHONY: routes routes-check
 .PHONY: deploy-infra setup-roles rotate-jwt-secret rotate-metrics-token smoke
 
 help:
@@ -14,11 +15,12 @@ help:
 	@echo "make test-client         the messenger client: unit, RFC 9180 vector, cross-language (pyhpke)"
 	@echo "make test-client-e2e     the client end to end against the API of make dev (PORT=$(PORT))"
 	@echo "make fuzz-api            schemathesis against the local API and openapi.yaml (FUZZ_EXAMPLES=100)"
+	@echo "make routes              write the watch router (and a new function's binary and template resource) from functions/src/routes.rs"
 	@echo "make migrate             apply migrations to the local (or \$$DATABASE_URL) database"
 	@echo "make test-purge-backlog  the slow purge test: 1,000,000 expired rows"
 	@echo "make bench | soak        release benchmark report | soak run (SOAK_S=120): churn, sizes, p99 over time"
 	@echo "make build | deploy      release build for Lambda (arm64) | sam build && sam deploy"
-	@echo "make deploy-infra        network + database stack; deletion protection on once created"
+	@echo "make deploy-infra        network + database stack (ALARM_TOPIC_ARN=arn:aws:sns:... the first time); deletion protection on once created"
 	@echo "make setup-roles         create the two database roles (once, after the first deploy)"
 	@echo "make rotate-jwt-secret   new JWT key into the functions (live tokens stop working)"
 	@echo "make rotate-metrics-token  likewise for the /metrics bearer token"
@@ -34,8 +36,15 @@ dev: tools
 migrate:
 	@DATABASE_URL="$$(bash scripts/database-url.sh)" cargo run --quiet --bin migrate
 
-test: tools lint test-client test-unit test-e2e fuzz-api check-infra
+test: tools lint routes-check test-client test-unit test-e2e fuzz-api check-infra
 	@echo "==> make test: all passed"
+
+# functions/src/routes.rs is the one route table: `make routes` writes the watch router (and the
+# binary and template.yaml resource of a new function); make test fails when anything differs.
+routes: tools
+	@$(VENV)/python scripts/routes.py
+routes-check: tools
+	@$(VENV)/python scripts/routes.py --check
 
 lint:
 	cargo fmt --all -- --check

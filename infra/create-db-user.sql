@@ -52,8 +52,25 @@ ALTER DEFAULT PRIVILEGES FOR ROLE messenger_migrator IN SCHEMA public
 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO messenger_app;
 GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO messenger_app;
 
--- A runaway query must not outlive the longest function timeout (purge: 300 s).
-ALTER ROLE messenger_app SET statement_timeout = '300s';
-ALTER ROLE messenger_app SET idle_in_transaction_session_timeout = '30s';
+-- Timeouts, the one place they are set (issue 10 item 7). Role settings, applied by the server
+-- when a session of the role starts: no `SET` from the functions, so nothing pins an RDS Proxy
+-- connection. infra/tests/test_timeouts.py holds them to template.yaml's Timeout of every function
+-- that logs in as the role, and functions/tests/setup_roles.rs checks they are in place.
+--
+-- messenger_app: the API functions (Timeout 10 s) and purge (300 s). A statement ends before the
+-- function can time out (5 s + DB_ACQUIRE_TIMEOUT_MS 1.5 s < 10 s), so no invocation leaves one
+-- running behind it. purge deletes in 5,000-row batches, each one statement of about 25 ms
+-- (1,000,000 rows in 4.6 s, `make test-purge-backlog`): 200 times under the limit (infra/README.md
+-- "Timeouts"). A lock is waited for at most 2 s (then 503), and a transaction left open by a
+-- function that died is closed after 5 s (the functions run single statements, no transaction).
+ALTER ROLE messenger_app SET statement_timeout = '5s';
+ALTER ROLE messenger_app SET lock_timeout = '2s';
+ALTER ROLE messenger_app SET idle_in_transaction_session_timeout = '5s';
+-- messenger_migrator: migrate (Timeout 300 s). A migration waits at most 5 s for a lock (rather
+-- than queueing every request behind its ACCESS EXCLUSIVE lock; run it again), and no statement
+-- outlives the function.
+ALTER ROLE messenger_migrator SET statement_timeout = '280s';
+ALTER ROLE messenger_migrator SET lock_timeout = '5s';
+ALTER ROLE messenger_migrator SET idle_in_transaction_session_timeout = '60s';
 
 COMMIT;

@@ -4,10 +4,15 @@
 # protected instance cannot be deleted and the stack would end in ROLLBACK_FAILED); once the
 # stack exists, every run (this one included) passes DbDeletionProtection=true.
 # INFRA_PARAMS: more parameter overrides, e.g. INFRA_PARAMS="DbMultiAz=true DbInstanceClass=db.t4g.small".
+# ALARM_TOPIC_ARN: the SNS topic the alarms notify (AlarmTopicArn); needed for the first create,
+# later runs keep the stack's value unless it is given again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/aws-common.sh
 read -r -a extra <<<"${INFRA_PARAMS:-}"
+# The environment key serves the app stack's functions only (their names start with its name).
+extra+=("AppStackName=$app_stack")
+[ -z "${ALARM_TOPIC_ARN:-}" ] || extra+=("AlarmTopicArn=$ALARM_TOPIC_ARN")
 
 deploy() { # DELETION_PROTECTION
     aws cloudformation deploy --stack-name "$infra_stack" --template-file infra/network-database.yaml \
@@ -29,6 +34,10 @@ case "$status" in
         exit 1
         ;;
 esac
+if [ "$status" = NONE ] && [ -z "${ALARM_TOPIC_ARN:-}" ] && [[ " ${INFRA_PARAMS:-} " != *" AlarmTopicArn="* ]]; then
+    echo "set ALARM_TOPIC_ARN to the SNS topic the alarms notify (infra/README.md step 1)" >&2
+    exit 2
+fi
 if [ "$status" = NONE ]; then
     echo "==> creating $infra_stack (deletion protection off until the create succeeds, ~20 min)"
     deploy false

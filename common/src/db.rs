@@ -11,6 +11,7 @@ use sqlx::query::{Query, QueryAs, QueryScalar};
 use sqlx::{FromRow, PgPool, Postgres};
 
 use crate::config::{DatabaseConfig, DatabaseTarget, IamDatabase, SslMode};
+use crate::error::ApiError;
 use crate::rds_token;
 
 /// The schema, embedded so the `migrate` function can apply it inside AWS.
@@ -55,7 +56,9 @@ impl Database {
                     database: iam.clone(),
                     signed_at: Mutex::new(Instant::now()),
                 };
-                let first = tokens.options_with_fresh_token();
+                let first = tokens
+                    .options_with_fresh_token()
+                    .map_err(|e| DatabaseInitError(e.to_string()))?;
                 Ok(Self {
                     pool: pool_options(config).connect_lazy_with(first),
                     iam: Some(tokens),
@@ -120,8 +123,11 @@ impl Database {
             .map(|at| at.elapsed() >= IAM_TOKEN_REFRESH)
             .unwrap_or(true);
         if due {
-            self.pool
-                .set_connect_options(iam.options_with_fresh_token());
+            match iam.options_with_fresh_token() {
+                Ok(options) => self.pool.set_connect_options(options),
+                // The current token is good for 5 more minutes; the next invocation tries again.
+                Err(error) => tracing::warn!(error = %error, "IAM token refresh failed"),
+            }
         }
     }
 }
@@ -140,16 +146,16 @@ fn pool_options(config: &DatabaseConfig) -> PgPoolOptions {
 }
 
 impl IamTokens {
-    fn options_with_fresh_token(&self) -> PgConnectOptions {
+    fn options_with_fresh_token(&self) -> Result<PgConnectOptions, rds_token::SigningError> {
         let token = rds_token::auth_token(
             &self.database.endpoint,
             &self.database.credentials,
             chrono::Utc::now(),
-        );
+        )?;
         if let Ok(mut at) = self.signed_at.lock() {
             *at = Instant::now();
         }
-        self.base_options.clone().password(token.expose())
+        Ok(self.base_options.clone().password(token.expose()))
     }
 }
 
@@ -171,6 +177,17 @@ fn iam_base_options(iam: &IamDatabase, statement_cache_capacity: usize) -> PgCon
     }
 }
 
+/// A database failure at the edge: 503 when the database cannot be reached, else 500.
+impl From<sqlx::Error> for ApiError {
+    fn from(error: sqlx::Error) -> Self {
+        if is_unavailable(&error) {
+            Self::Unavailable(short_reason(&error))
+        } else {
+            Self::Internal(error.to_string())
+        }
+    }
+}
+
 /// Whether an error means "the database cannot be reached" (503) rather than a bug (500).
 pub fn is_unavailable(error: &sqlx::Error) -> bool {
     match error {
@@ -181,12 +198,16 @@ pub fn is_unavailable(error: &sqlx::Error) -> bool {
         | sqlx::Error::Protocol(_)
         | sqlx::Error::WorkerCrashed => true,
         // 08: connection exception, 53: insufficient resources, 57P: operator intervention
-        // (shutdown, crash recovery), 28: authentication (an expired or refused IAM token).
+        // (shutdown, crash recovery), 28: authentication (an expired or refused IAM token),
+        // 57014 / 55P03: the role's statement_timeout / lock_timeout (infra/create-db-user.sql),
+        // a database too busy to answer in time: retry shortly, not a bug.
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             code.starts_with("08")
                 || code.starts_with("53")
                 || code.starts_with("57P")
                 || code.starts_with("28")
+                || code == "57014"
+                || code == "55P03"
         }),
         _ => false,
     }

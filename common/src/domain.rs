@@ -1,32 +1,69 @@
-//! Validated domain values. Each `parse` is the only way in, and its errors are the contract's
-//! answers (422 for a broken rule, 413 for too much data, 400 for a malformed query or path value).
+//! Validated domain values. Each `parse` is the only way in, and says why it refused in its own
+//! terms (`Refusal`); the HTTP edge (`error.rs`) maps those to the contract's statuses once.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use spki::{DecodePublicKey, ObjectIdentifier, SubjectPublicKeyInfoRef};
 use uuid::Uuid;
 
-use crate::error::ApiError;
 use crate::secret::Secret;
+
+/// Why a value was refused, and which field it was.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    pub kind: RefusalKind,
+    pub field: Option<&'static str>,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalKind {
+    /// Well-formed, but against a rule of the field (the contract's 422).
+    BreaksRule,
+    /// More data than allowed (413).
+    TooLarge,
+    /// Not even of the right form: a query value, path id or header (400).
+    Malformed,
+}
+
+impl Refusal {
+    fn new(kind: RefusalKind, field: Option<&'static str>, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            field,
+            message: message.into(),
+        }
+    }
+
+    pub fn rule(field: &'static str, message: impl Into<String>) -> Self {
+        Self::new(RefusalKind::BreaksRule, Some(field), message)
+    }
+
+    pub fn malformed(field: Option<&'static str>, message: impl Into<String>) -> Self {
+        Self::new(RefusalKind::Malformed, field, message)
+    }
+
+    pub fn too_large(field: &'static str, message: impl Into<String>) -> Self {
+        Self::new(RefusalKind::TooLarge, Some(field), message)
+    }
+}
 
 /// A user name: 3 to 32 of `A-Z a-z 0-9 _ . -`, unique without regard to case.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserName(String);
 
 impl UserName {
-    pub fn parse(raw: &str) -> Result<Self, ApiError> {
+    pub fn parse(raw: &str) -> Result<Self, Refusal> {
         let len = raw.chars().count();
         if !(3..=32).contains(&len) {
-            return Err(ApiError::validation(
-                "name",
-                "name must be 3 to 32 characters",
-            ));
+            return Err(Refusal::rule("name", "name must be 3 to 32 characters"));
         }
         if !raw
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
         {
-            return Err(ApiError::validation(
+            return Err(Refusal::rule(
                 "name",
                 "name may only contain A-Z, a-z, 0-9, '_', '.' and '-'",
             ));
@@ -51,7 +88,7 @@ impl UserName {
 pub struct IdempotencyKey(String);
 
 impl IdempotencyKey {
-    pub fn parse(raw: &str) -> Result<Self, ApiError> {
+    pub fn parse(raw: &str) -> Result<Self, Refusal> {
         let well_formed = (1..=64).contains(&raw.len())
             && raw
                 .bytes()
@@ -59,7 +96,8 @@ impl IdempotencyKey {
         if well_formed {
             Ok(Self(raw.to_string()))
         } else {
-            Err(ApiError::bad_request(
+            Err(Refusal::malformed(
+                None,
                 "Idempotency-Key must be 1 to 64 of A-Z, a-z, 0-9, '_' and '-'",
             ))
         }
@@ -76,15 +114,15 @@ impl IdempotencyKey {
 pub struct Password(Secret<String>);
 
 impl Password {
-    pub fn parse(raw: &str) -> Result<Self, ApiError> {
+    pub fn parse(raw: &str) -> Result<Self, Refusal> {
         if raw.len() < 8 {
-            return Err(ApiError::validation(
+            return Err(Refusal::rule(
                 "password",
                 "password must be at least 8 bytes",
             ));
         }
         if raw.len() > 72 {
-            return Err(ApiError::validation(
+            return Err(Refusal::rule(
                 "password",
                 "password must be at most 72 bytes in UTF-8 (bcrypt's limit)",
             ));
@@ -132,8 +170,8 @@ pub struct PublicKeyPem {
 }
 
 impl PublicKeyPem {
-    pub fn parse(raw: &str) -> Result<Self, ApiError> {
-        let reject = |msg: &str| ApiError::validation("public_key", msg.to_string());
+    pub fn parse(raw: &str) -> Result<Self, Refusal> {
+        let reject = |msg: &str| Refusal::rule("public_key", msg.to_string());
         if raw.len() > MAX_PUBLIC_KEY_PEM_BYTES {
             return Err(reject("public_key must be at most 8 KiB"));
         }
@@ -151,8 +189,9 @@ impl PublicKeyPem {
         let kind = key_kind(&der).ok_or_else(|| {
             reject("public_key must be RSA (2048 to 8192 bits), EC P-256/P-384, Ed25519 or X25519")
         })?;
+        // Re-encoding a block that was just decoded cannot fail; refuse rather than panic.
         let pem = pem_rfc7468::encode_string("PUBLIC KEY", pem_rfc7468::LineEnding::LF, &der)
-            .map_err(ApiError::internal)?;
+            .map_err(|_| reject("public_key is not valid PEM"))?;
         Ok(Self { pem, kind })
     }
 
@@ -205,19 +244,19 @@ fn key_kind(der: &[u8]) -> Option<KeyKind> {
 pub struct Ciphertext(Vec<u8>);
 
 impl Ciphertext {
-    pub fn parse(encoded: &str, max_bytes: usize) -> Result<Self, ApiError> {
+    pub fn parse(encoded: &str, max_bytes: usize) -> Result<Self, Refusal> {
         // Refuse an oversized value before decoding it: base64 of `max` bytes is at most this long.
         if encoded.len() > max_bytes.div_ceil(3) * 4 {
             return Err(Self::too_large(max_bytes));
         }
         let bytes = BASE64.decode(encoded).map_err(|_| {
-            ApiError::validation(
+            Refusal::rule(
                 "encrypted_data",
                 "encrypted_data must be standard base64 with padding",
             )
         })?;
         if bytes.is_empty() {
-            return Err(ApiError::validation(
+            return Err(Refusal::rule(
                 "encrypted_data",
                 "encrypted_data must not be empty",
             ));
@@ -228,11 +267,11 @@ impl Ciphertext {
         Ok(Self(bytes))
     }
 
-    fn too_large(max_bytes: usize) -> ApiError {
-        ApiError::PayloadTooLarge {
-            message: format!("encrypted_data must decode to at most {max_bytes} bytes"),
-            field: Some("encrypted_data"),
-        }
+    fn too_large(max_bytes: usize) -> Refusal {
+        Refusal::too_large(
+            "encrypted_data",
+            format!("encrypted_data must decode to at most {max_bytes} bytes"),
+        )
     }
 
     pub fn into_bytes(self) -> Vec<u8> {
@@ -254,20 +293,20 @@ impl PageLimit {
     pub const DEFAULT: u16 = 100;
     pub const MAX: u16 = 500;
 
-    pub fn parse(raw: Option<&str>) -> Result<Self, ApiError> {
+    pub fn parse(raw: Option<&str>) -> Result<Self, Refusal> {
         let Some(raw) = raw else {
             return Ok(Self(Self::DEFAULT));
         };
         let digits = raw.strip_prefix('-').unwrap_or(raw);
         if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(ApiError::bad_field("limit", "limit must be a whole number"));
+            return Err(Refusal::malformed(
+                Some("limit"),
+                "limit must be a whole number",
+            ));
         }
         match raw.parse::<u16>() {
             Ok(value) if (1..=Self::MAX).contains(&value) => Ok(Self(value)),
-            _ => Err(ApiError::validation(
-                "limit",
-                "limit must be between 1 and 500",
-            )),
+            _ => Err(Refusal::rule("limit", "limit must be between 1 and 500")),
         }
     }
 
@@ -286,16 +325,18 @@ pub fn canonical_uuid(raw: &str) -> Option<Uuid> {
 }
 
 /// An id from a path or query value: a malformed one is 400.
-pub fn parse_id(raw: &str, field: &'static str) -> Result<Uuid, ApiError> {
-    canonical_uuid(raw).ok_or_else(|| ApiError::bad_field(field, format!("{field} must be a UUID")))
+pub fn parse_id(raw: &str, field: &'static str) -> Result<Uuid, Refusal> {
+    canonical_uuid(raw)
+        .ok_or_else(|| Refusal::malformed(Some(field), format!("{field} must be a UUID")))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn status(r: Result<impl Sized, ApiError>) -> u16 {
-        r.err().map_or(200, |e| e.status().as_u16())
+    fn status(r: Result<impl Sized, Refusal>) -> u16 {
+        r.err()
+            .map_or(200, |e| crate::ApiError::from(e).status().as_u16())
     }
 
     #[test]
@@ -464,7 +505,11 @@ mod tests {
         ];
         for (i, pem) in cases.iter().enumerate() {
             let err = PublicKeyPem::parse(pem).expect_err(&format!("case {i} must be refused"));
-            assert_eq!(err.status().as_u16(), 422, "case {i}");
+            assert_eq!(
+                crate::ApiError::from(err).status().as_u16(),
+                422,
+                "case {i}"
+            );
         }
     }
 }

@@ -1,9 +1,15 @@
-//! The one place where failures become the contract's statuses and `{"error","message"}` body.
-//! Internal details are logged here and never sent to the client.
+//! The HTTP edge: the one place where failures become the contract's statuses and
+//! `{"error","message"}` body. The layers below refuse in their own terms (`Refusal`,
+//! `TokenError`, `HashError`; `sqlx::Error` beside the database code in `db.rs`) and are mapped
+//! here. Internal details are logged here and never sent to the client.
 
 use lambda_http::http::{HeaderValue, StatusCode, header};
 use lambda_http::{Body, Response};
 use serde::Serialize;
+
+use crate::domain::{Refusal, RefusalKind};
+use crate::jwt::TokenError;
+use crate::password::HashError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -152,7 +158,7 @@ impl ApiError {
             Self::Unavailable(detail) => tracing::warn!(error = %detail, "database unavailable"),
             _ => {}
         }
-        let mut response = crate::http::json_response(self.status(), &body);
+        let mut response = crate::response::json_response(self.status(), &body);
         let headers = response.headers_mut();
         match self {
             // RFC 9110: every 401 carries a challenge.
@@ -178,13 +184,35 @@ impl ApiError {
     }
 }
 
-impl From<sqlx::Error> for ApiError {
-    fn from(error: sqlx::Error) -> Self {
-        if crate::db::is_unavailable(&error) {
-            Self::Unavailable(crate::db::short_reason(&error))
-        } else {
-            Self::Internal(error.to_string())
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        let Refusal {
+            kind,
+            field,
+            message,
+        } = refusal;
+        match (kind, field) {
+            (RefusalKind::BreaksRule, Some(field)) => Self::Validation { field, message },
+            (RefusalKind::BreaksRule, None) | (RefusalKind::Malformed, _) => {
+                Self::BadRequest { message, field }
+            }
+            (RefusalKind::TooLarge, field) => Self::PayloadTooLarge { message, field },
         }
+    }
+}
+
+impl From<TokenError> for ApiError {
+    fn from(error: TokenError) -> Self {
+        match error {
+            TokenError::Refused => Self::Unauthorized,
+            TokenError::Signing(detail) => Self::Internal(detail),
+        }
+    }
+}
+
+impl From<HashError> for ApiError {
+    fn from(error: HashError) -> Self {
+        Self::internal(error)
     }
 }
 

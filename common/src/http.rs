@@ -1,40 +1,19 @@
-//! Request and response helpers shared by every HTTP function.
+//! Request helpers shared by every HTTP function: the body, the caller, the client address,
+//! path and query values, each refused with the contract's `ApiError`.
 
+use std::cell::Cell;
 use std::net::{IpAddr, Ipv6Addr};
 
-use lambda_http::http::{HeaderValue, StatusCode, header};
+use lambda_http::http::header;
 use lambda_http::request::RequestContext;
-use lambda_http::{Body, Request, RequestExt, Response};
-use serde::Serialize;
+use lambda_http::{Request, RequestExt};
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::{Map, Value};
+use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
 use crate::error::ApiError;
 use crate::jwt::JwtKeys;
-
-pub fn json_response<T: Serialize + ?Sized>(status: StatusCode, body: &T) -> Response<Body> {
-    let text = serde_json::to_string(body)
-        .unwrap_or_else(|_| r#"{"error":"internal","message":"internal error"}"#.into());
-    json_text_response(status, text)
-}
-
-/// A response whose body is already JSON text.
-pub fn json_text_response(status: StatusCode, text: String) -> Response<Body> {
-    let mut response = Response::new(Body::Text(text));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-pub fn no_content() -> Response<Body> {
-    let mut response = Response::new(Body::Empty);
-    *response.status_mut() = StatusCode::NO_CONTENT;
-    response
-}
 
 /// The top-level fields of a JSON object body. Unknown fields are ignored (clients may be newer
 /// than the server); duplicate keys are refused, since two parsers could read them differently.
@@ -99,25 +78,28 @@ pub fn json_body(request: &Request, max_bytes: usize) -> Result<JsonObject, ApiE
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad_request("request body must be a JSON object"));
     }
+    let duplicate = Cell::new(None);
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let object = de
-        .deserialize_any(ObjectVisitor)
+        .deserialize_any(ObjectVisitor {
+            duplicate: &duplicate,
+        })
         .and_then(|object| de.end().map(|()| object))
-        .map_err(|e| {
-            if e.is_data() && e.to_string().starts_with("duplicate field") {
-                ApiError::bad_request(e.to_string())
-            } else if e.is_data() {
-                ApiError::bad_request("request body must be a JSON object")
-            } else {
-                ApiError::bad_request("request body is not valid JSON")
-            }
+        .map_err(|e| match duplicate.take() {
+            Some(key) => ApiError::bad_request(format!("duplicate field `{key}`")),
+            None if e.is_data() => ApiError::bad_request("request body must be a JSON object"),
+            None => ApiError::bad_request("request body is not valid JSON"),
         })?;
     Ok(JsonObject(object))
 }
 
-struct ObjectVisitor;
+/// Reads a JSON object, refusing a key it has seen: the key goes to `duplicate`, so the caller
+/// tells this refusal from a syntax error without reading error text.
+struct ObjectVisitor<'a> {
+    duplicate: &'a Cell<Option<String>>,
+}
 
-impl<'de> Visitor<'de> for ObjectVisitor {
+impl<'de> Visitor<'de> for ObjectVisitor<'_> {
     type Value = Map<String, Value>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -128,7 +110,8 @@ impl<'de> Visitor<'de> for ObjectVisitor {
         let mut map = Map::new();
         while let Some(key) = access.next_key::<String>()? {
             if map.contains_key(&key) {
-                return Err(serde::de::Error::custom(format!("duplicate field `{key}`")));
+                self.duplicate.set(Some(key));
+                return Err(serde::de::Error::custom("duplicate field"));
             }
             let value: Value = access.next_value()?;
             map.insert(key, value);
@@ -160,18 +143,11 @@ pub fn authenticate_static(
         .and_then(|v| v.to_str().ok())
         .and_then(bearer_token)
         .ok_or(ApiError::Unauthorized)?;
-    let expected = expected.expose().as_bytes();
-    let given = given.as_bytes();
-    let differs = given.len() != expected.len()
-        || given
-            .iter()
-            .zip(expected)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            != 0;
-    if differs {
-        Err(ApiError::Unauthorized)
-    } else {
+    // Constant time over the bytes (`subtle`); only the length can be learned from timing.
+    if bool::from(given.as_bytes().ct_eq(expected.expose().as_bytes())) {
         Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
     }
 }
 
@@ -226,6 +202,7 @@ pub fn query_param(request: &Request, name: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lambda_http::Body;
 
     fn request(body: &str, content_type: Option<&str>) -> Request {
         let mut builder = lambda_http::http::Request::builder()

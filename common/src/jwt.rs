@@ -8,7 +8,6 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::error::ApiError;
 
 /// Clock skew tolerated between Lambda instances, in seconds.
 const LEEWAY_SECONDS: u64 = 5;
@@ -33,6 +32,15 @@ pub struct JwtKeys {
     issuer: String,
     audience: String,
     ttl_seconds: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// Missing, malformed, tampered, expired, or not ours: the reason is not told.
+    #[error("missing, malformed, tampered or expired token")]
+    Refused,
+    #[error("signing a token failed: {0}")]
+    Signing(String),
 }
 
 pub struct IssuedToken {
@@ -60,7 +68,7 @@ impl JwtKeys {
         })
     }
 
-    pub fn issue(&self, user_id: Uuid) -> Result<IssuedToken, ApiError> {
+    pub fn issue(&self, user_id: Uuid) -> Result<IssuedToken, TokenError> {
         let now = unix_now();
         let claims = Claims {
             sub: user_id,
@@ -72,7 +80,7 @@ impl JwtKeys {
         };
         let access_token =
             jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
-                .map_err(ApiError::internal)?;
+                .map_err(|e| TokenError::Signing(e.to_string()))?;
         Ok(IssuedToken {
             access_token,
             expires_in: self.ttl_seconds,
@@ -80,13 +88,13 @@ impl JwtKeys {
     }
 
     /// Any failure is the same 401: the client learns nothing about why.
-    pub fn verify(&self, token: &str) -> Result<Claims, ApiError> {
+    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
         let claims = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map_err(|_| ApiError::Unauthorized)?
+            .map_err(|_| TokenError::Refused)?
             .claims;
         // jsonwebtoken does not check `iat`; a token issued in the future was not issued by us.
         if claims.iat > unix_now() + LEEWAY_SECONDS {
-            return Err(ApiError::Unauthorized);
+            return Err(TokenError::Refused);
         }
         Ok(claims)
     }
@@ -229,7 +237,7 @@ mod tests {
         cases.push(("empty", String::new()));
         for (what, token) in cases {
             assert!(
-                matches!(keys.verify(&token), Err(ApiError::Unauthorized)),
+                matches!(keys.verify(&token), Err(TokenError::Refused)),
                 "{what} must be refused"
             );
         }

@@ -9,6 +9,7 @@ pub mod http;
 pub mod jwt;
 pub mod password;
 pub mod rds_token;
+pub mod response;
 pub mod runtime;
 pub mod secret;
 pub mod state;

@@ -4,14 +4,22 @@
 use std::sync::OnceLock;
 
 use crate::domain::Password;
-use crate::error::ApiError;
 
-pub async fn hash(password: &Password, cost: u32) -> Result<String, ApiError> {
+/// bcrypt failed, or its task did: a fault of the server, never of the password.
+#[derive(Debug, thiserror::Error)]
+#[error("password hashing failed: {0}")]
+pub struct HashError(String);
+
+fn hash_error(error: impl std::fmt::Display) -> HashError {
+    HashError(error.to_string())
+}
+
+pub async fn hash(password: &Password, cost: u32) -> Result<String, HashError> {
     let password = password.expose().to_owned();
     tokio::task::spawn_blocking(move || bcrypt::hash(password.as_bytes(), cost))
         .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::internal)
+        .map_err(hash_error)?
+        .map_err(hash_error)
 }
 
 /// Verifies against `stored`, or, for an unknown user, against a dummy hash of the same cost so
@@ -20,14 +28,14 @@ pub async fn verify(
     password: &Password,
     stored: Option<String>,
     cost: u32,
-) -> Result<bool, ApiError> {
+) -> Result<bool, HashError> {
     let known = stored.is_some();
     let hash = stored.unwrap_or_else(|| dummy_hash(cost));
     let password = password.expose().to_owned();
     let matches = tokio::task::spawn_blocking(move || bcrypt::verify(password.as_bytes(), &hash))
         .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::internal)?;
+        .map_err(hash_error)?
+        .map_err(hash_error)?;
     Ok(known && matches)
 }
 

@@ -34,6 +34,8 @@ where
         .and_then(|directives| directives.parse::<Targets>().ok())
         .unwrap_or_else(|| DEFAULT_FILTER.parse().expect("the default filter parses"));
     tracing_subscriber::fmt()
+        // The builder alone would stop at INFO; RUST_LOG and the cap below decide.
+        .with_max_level(LevelFilter::TRACE)
         .json()
         .with_target(false)
         .with_current_span(false)
@@ -54,6 +56,11 @@ fn secret_safe_cap() -> Targets {
     )
 }
 
+/// Installs the JSON subscriber on stdout, once per process.
+pub fn init() {
+    let _ = tracing::subscriber::set_global_default(json_subscriber(std::io::stdout));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,9 +74,4 @@ mod tests {
         assert!(cap.would_enable("lambda_runtime", &Level::DEBUG));
         assert!(cap.would_enable("functions::login", &Level::TRACE));
     }
-}
-
-/// Installs the JSON subscriber on stdout, once per process.
-pub fn init() {
-    let _ = tracing::subscriber::set_global_default(json_subscriber(std::io::stdout));
 }

@@ -5,8 +5,10 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use common::domain::{Ciphertext, PageLimit, Password, PublicKeyPem, UserName, parse_id};
 use proptest::prelude::*;
 
-fn status<T>(r: Result<T, common::ApiError>) -> u16 {
-    r.err().map_or(200, |e| e.status().as_u16())
+/// The status the HTTP edge gives a refusal (or 200 for a value).
+fn status<T>(r: Result<T, common::domain::Refusal>) -> u16 {
+    r.err()
+        .map_or(200, |e| common::ApiError::from(e).status().as_u16())
 }
 
 fn name_rule(s: &str) -> bool {

@@ -4,7 +4,8 @@
 use std::collections::HashSet;
 
 use common::domain::canonical_uuid;
-use common::http::{authenticate, json_body, json_response};
+use common::http::{authenticate, json_body};
+use common::response::json_response;
 use common::runtime::HandlerResult;
 use common::{ApiError, AppState};
 use lambda_http::Request;

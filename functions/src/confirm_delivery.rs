@@ -1,7 +1,8 @@
 //! PUT /messages/{id}/delivered: the recipient confirms; the ciphertext is erased at once.
 
 use common::domain::parse_id;
-use common::http::{authenticate, no_content, path_param};
+use common::http::{authenticate, path_param};
+use common::response::no_content;
 use common::runtime::HandlerResult;
 use common::{ApiError, AppState};
 use lambda_http::Request;

@@ -3,7 +3,8 @@
 //! cascade); its tokens are refused from then on, and the name is free again.
 
 use common::domain::Password;
-use common::http::{authenticate, client_address, json_body, no_content};
+use common::http::{authenticate, client_address, json_body};
+use common::response::no_content;
 use common::runtime::HandlerResult;
 use common::{ApiError, AppState};
 use lambda_http::Request;

@@ -4,7 +4,8 @@ use std::fmt::Write;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use common::domain::{PageLimit, encode_ciphertext_into, parse_id};
-use common::http::{authenticate, json_text_response, query_param};
+use common::http::{authenticate, query_param};
+use common::response::json_text_response;
 use common::runtime::HandlerResult;
 use common::{ApiError, AppState};
 use lambda_http::Request;

@@ -1,6 +1,6 @@
 //! GET /health (liveness: touches nothing) and GET /health/ready (the database answers).
 
-use common::http::json_response;
+use common::response::json_response;
 use common::runtime::HandlerResult;
 use common::{ApiError, AppState};
 use lambda_http::Request;

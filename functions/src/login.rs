@@ -2,7 +2,8 @@
 
 use common::AppState;
 use common::domain::{Password, UserName};
-use common::http::{client_address, json_body, json_response};
+use common::http::{client_address, json_body};
+use common::response::json_response;
 use common::runtime::HandlerResult;
 use lambda_http::Request;
 use lambda_http::http::StatusCode;

@@ -2,7 +2,7 @@
 //! method without a route gets the contract's error body, 405 with `Allow` for a known path.
 //! It also answers CORS preflights, which a `$default` route receives instead of API Gateway.
 
-use common::http::no_content;
+use common::response::no_content;
 use common::runtime::{CORS_ALLOW_HEADERS, HandlerResult};
 use common::{ApiError, AppState};
 use lambda_http::Request;

@@ -51,14 +51,15 @@ DELETE FROM rate_limits
 WHERE ctid = ANY (ARRAY (
     SELECT ctid FROM rate_limits
     WHERE window_start <= now() - make_interval(
-        secs => CASE bucket WHEN 'register_address' THEN $2 WHEN 'send_sender' THEN $4 ELSE $3 END)
+        secs => CASE bucket WHEN 'register_address' THEN $2::float8
+                            WHEN 'send_sender' THEN $4::float8 ELSE $3::float8 END)
     LIMIT $1
     FOR UPDATE SKIP LOCKED
 ))
 "#;
 
 /// Records the run and forgets runs older than 30 days, in one statement.
-const RECORD_RUN_SQL: &str = r#"
+pub const RECORD_RUN_SQL: &str = r#"
 WITH forgotten AS (DELETE FROM purge_runs WHERE finished_at < now() - interval '30 days')
 INSERT INTO purge_runs (started_at, finished_at, messages_deleted, rate_limits_deleted, complete)
 VALUES ($1, now(), $2, $3, $4)

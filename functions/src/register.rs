@@ -2,7 +2,8 @@
 
 use chrono::{DateTime, Utc};
 use common::domain::{Password, PublicKeyPem, UserName};
-use common::http::{client_address, json_body, json_response};
+use common::http::{client_address, json_body};
+use common::response::json_response;
 use common::runtime::HandlerResult;
 use common::{ApiError, AppState, password};
 use lambda_http::Request;
@@ -22,7 +23,7 @@ pub struct Registered {
 
 /// Counts this attempt against the client address and checks the name, in one round trip and
 /// before bcrypt spends a quarter second: floods and taken names cost the server almost nothing.
-const PRECHECK_SQL: &str = concat!(
+pub const PRECHECK_SQL: &str = concat!(
     "WITH attempt_keys AS (SELECT $1::text AS bucket, $2::text AS key), ",
     "attempt AS (\n",
     include_str!("sql/record_attempt.sql"),
@@ -30,7 +31,7 @@ const PRECHECK_SQL: &str = concat!(
     "EXISTS (SELECT 1 FROM users WHERE lower(name COLLATE \"C\") = $4) AS taken FROM attempt"
 );
 
-const INSERT_SQL: &str = r#"
+pub const INSERT_SQL: &str = r#"
 INSERT INTO users (id, name, hashed_password, public_key)
 VALUES ($1, $2, $3, $4)
 ON CONFLICT ((lower(name COLLATE "C"))) DO NOTHING

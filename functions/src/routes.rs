@@ -1,23 +1,55 @@
-//! The route table: the contract's endpoints and the function serving each. template.yaml and
-//! the `cargo lambda watch` router in Cargo.toml map the same routes; tests hold them together.
+//! The route table, the one source of every route: `ROUTES` and `crate::dispatch` are expanded
+//! from it here, and `make routes` (scripts/routes.py) writes the `cargo lambda watch` router in
+//! Cargo.toml from it and checks template.yaml's and openapi.yaml's routes against it.
+//!
+//! Adding an endpoint: a handler module, a 5-line binary in `src/bin/`, one line below, then
+//! `make routes` (README, "How to add an endpoint").
 
-/// (method, path template, function).
-pub const ROUTES: &[(&str, &str, &str)] = &[
-    ("POST", "/register", "register"),
-    ("POST", "/login", "login"),
-    ("GET", "/me", "me"),
-    ("DELETE", "/me", "delete-account"),
-    ("GET", "/public-key/{user_id}", "get-public-key"),
-    ("PUT", "/update-key", "update-key"),
-    ("GET", "/users", "lookup-user"),
-    ("GET", "/health", "health"),
-    ("GET", "/health/ready", "health"),
-    ("POST", "/messages", "send-message"),
-    ("GET", "/messages", "get-messages"),
-    ("PUT", "/messages/{id}/delivered", "confirm-delivery"),
-    ("POST", "/messages/delivered", "confirm-deliveries"),
-    ("GET", "/metrics", "metrics"),
-];
+use common::AppState;
+use common::runtime::HandlerResult;
+use lambda_http::Request;
+
+use crate::*;
+
+/// `"function" => handler: METHOD "/path", ...;` per Lambda function (a binary name).
+macro_rules! routes {
+    ($($function:literal => $handler:path: $($method:ident $path:literal),+;)*) => {
+        /// (method, path template, function).
+        pub const ROUTES: &[(&str, &str, &str)] = &[
+            $($((stringify!($method), $path, $function),)+)*
+        ];
+
+        /// Runs the HTTP function named `function`. Each binary calls its own handler directly;
+        /// this is for tests and tools that address functions by name. Anything else is the
+        /// fallback, `not-found`.
+        pub async fn dispatch(
+            function: &str,
+            state: &'static AppState,
+            request: Request,
+        ) -> HandlerResult {
+            match function {
+                $($function => $handler(state, request).await,)*
+                _ => not_found::handler(state, request).await,
+            }
+        }
+    };
+}
+
+routes! {
+    "register" => register::handler: POST "/register";
+    "login" => login::handler: POST "/login";
+    "me" => me::handler: GET "/me";
+    "delete-account" => delete_account::handler: DELETE "/me";
+    "get-public-key" => get_public_key::handler: GET "/public-key/{user_id}";
+    "update-key" => update_key::handler: PUT "/update-key";
+    "lookup-user" => lookup_user::handler: GET "/users";
+    "health" => health::handler: GET "/health", GET "/health/ready";
+    "send-message" => send_message::handler: POST "/messages";
+    "get-messages" => get_messages::handler: GET "/messages";
+    "confirm-delivery" => confirm_delivery::handler: PUT "/messages/{id}/delivered";
+    "confirm-deliveries" => confirm_deliveries::handler: POST "/messages/delivered";
+    "metrics" => metrics::handler: GET "/metrics";
+}
 
 /// A matched route: its template, function and path parameters.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,7 +3,8 @@
 
 use chrono::{DateTime, Utc};
 use common::domain::{Ciphertext, IdempotencyKey, canonical_uuid};
-use common::http::{authenticate, json_body, json_response};
+use common::http::{authenticate, json_body};
+use common::response::json_response;
 use common::runtime::HandlerResult;
 use common::{ApiError, AppState};
 use lambda_http::Request;
@@ -85,7 +86,7 @@ fn idempotency_key(request: &Request) -> Result<Option<IdempotencyKey>, ApiError
         return Err(ApiError::bad_request("send one Idempotency-Key"));
     }
     let raw = value.to_str().unwrap_or_default();
-    IdempotencyKey::parse(raw).map(Some)
+    Ok(Some(IdempotencyKey::parse(raw)?))
 }
 
 pub async fn handler(state: &AppState, request: Request) -> HandlerResult {

@@ -1,7 +1,8 @@
 //! PUT /update-key: replace the caller's public key.
 
 use common::domain::PublicKeyPem;
-use common::http::{authenticate, json_body, json_response};
+use common::http::{authenticate, json_body};
+use common::response::json_response;
 use common::runtime::HandlerResult;
 use common::{ApiError, AppState};
 use lambda_http::Request;

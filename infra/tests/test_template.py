@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import re
+import sys
 import tomllib
 import unittest
 from pathlib import Path
@@ -242,6 +243,8 @@ def policy_statements(doc: dict) -> list[tuple[str, dict]]:
         props = res.get("Properties", {})
         if res["Type"] in ("AWS::IAM::ManagedPolicy", "AWS::IAM::Policy"):
             add(logical_id, props["PolicyDocument"])
+        elif res["Type"] == "AWS::KMS::Key":
+            add(f"{logical_id}/KeyPolicy", props["KeyPolicy"])
         elif res["Type"] == "AWS::IAM::Role":
             for p in props.get("Policies", []):
                 add(f"{logical_id}/{p.get('PolicyName')}", p["PolicyDocument"])
@@ -675,12 +678,14 @@ class InfraStackFeedsTheApp(unittest.TestCase):
 
 
 class RustRouteTableAgrees(unittest.TestCase):
-    """functions/src/routes.rs (used by not-found for 404 vs 405, and by the tests) is the
-    fourth route table: it must equal the router's."""
+    """functions/src/routes.rs (the `routes!` table that `dispatch` and not-found's 404/405 come
+    from) is the source of the router: it must equal the router's."""
 
     def test_routes_rs_matches_router(self):
-        text = (CARGO_TOML.parent / "functions" / "src" / "routes.rs").read_text(encoding="utf-8")
-        rust = {(m, p): f for m, p, f in re.findall(r'\("([A-Z]+)", "(/[^"]*)", "([a-z-]+)"\)', text)}
+        sys.path.insert(0, str(REPO / "scripts"))
+        from routes import table
+
+        rust = {(m, p): f for m, p, f, _ in table()}
         router, _ = router_table()
         self.assertEqual(rust, router, "functions/src/routes.rs and the Cargo.toml router disagree")
 

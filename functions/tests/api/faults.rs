@@ -1,7 +1,7 @@
-//! Database faults against a throwaway PostgreSQL cluster this test starts and stops itself
-//! (never the machine's shared server): every endpoint answers 503 within 2 s while it is down,
-//! liveness stays 200, the same warm instance serves again once it is back, and no message that
-//! got a 201 is lost.
+//! Database faults against a throwaway PostgreSQL cluster each test starts and stops itself
+//! (never the machine's shared server): every endpoint answers 503 within 2 s while it is down
+//! or has no connection left to give, liveness stays 200, the same warm instance serves again
+//! once it is back, and no message that got a 201 is lost.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,6 +14,7 @@ use crate::support::TestApp;
 struct Cluster {
     dir: PathBuf,
     port: u16,
+    settings: String,
 }
 
 fn pg_bin(name: &str) -> PathBuf {
@@ -57,6 +58,11 @@ fn run_pg(program: &Path, args: &[&str]) {
 
 impl Cluster {
     fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// With extra server settings (`-c name=value ...`).
+    fn start_with(settings: &str) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -88,7 +94,11 @@ impl Cluster {
                 "-N",
             ],
         );
-        let cluster = Self { dir, port };
+        let cluster = Self {
+            dir,
+            port,
+            settings: settings.to_string(),
+        };
         cluster.pg_ctl_start();
         cluster
     }
@@ -97,9 +107,10 @@ impl Cluster {
         let data = self.dir.join("data");
         let log = self.dir.join("server.log");
         let opts = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off",
+            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off {}",
             self.port,
-            self.dir.display()
+            self.dir.display(),
+            self.settings
         );
         run_pg(
             &pg_bin("pg_ctl"),
@@ -173,57 +184,8 @@ async fn database_outage_and_recovery() {
     }
 
     cluster.stop();
-    let mut slowest = Duration::ZERO;
-    let calls: Vec<(&str, String, Option<serde_json::Value>)> = vec![
-        (
-            "POST",
-            "/register".into(),
-            Some(
-                json!({"name": "carol", "password": "long-enough-pw", "public_key": crate::support::key("p256.pem")}),
-            ),
-        ),
-        (
-            "POST",
-            "/login".into(),
-            Some(json!({"name": "alice", "password": crate::support::PASSWORD})),
-        ),
-        ("GET", "/me".into(), None),
-        ("GET", format!("/public-key/{bob}"), None),
-        (
-            "PUT",
-            "/update-key".into(),
-            Some(json!({"public_key": crate::support::key("p256.pem")})),
-        ),
-        ("GET", "/users?name=bob".into(), None),
-        (
-            "POST",
-            "/messages".into(),
-            Some(json!({"recipient_id": bob, "encrypted_data": "aGk="})),
-        ),
-        ("GET", "/messages".into(), None),
-        (
-            "PUT",
-            format!("/messages/{}/delivered", acknowledged[0]),
-            None,
-        ),
-        ("GET", "/metrics".into(), None),
-        ("GET", "/health/ready".into(), None),
-    ];
-    for (method, path, body) in &calls {
-        let started = Instant::now();
-        let mut request = app.request(method, path).bearer(&alice_token);
-        if let Some(body) = body {
-            request = request.json(body.clone());
-        }
-        let r = request.send().await;
-        let took = started.elapsed();
-        r.assert_error(503, "unavailable");
-        assert!(
-            took < Duration::from_secs(2),
-            "{method} {path}: 503 after {took:?}"
-        );
-        slowest = slowest.max(took);
-    }
+    let calls = every_database_endpoint(&bob, &acknowledged[0]);
+    let slowest = all_unavailable_within_2s(&app, &alice_token, &calls).await;
     assert_eq!(
         app.request("GET", "/health").send().await.status,
         200,
@@ -271,6 +233,122 @@ async fn database_outage_and_recovery() {
         acknowledged.iter().map(String::as_str).collect::<Vec<_>>()
     );
     assert_eq!(send(99).await.status, 201);
+}
+
+type Call = (&'static str, String, Option<serde_json::Value>);
+
+/// One request for every endpoint that needs the database.
+fn every_database_endpoint(bob: &str, message: &str) -> Vec<Call> {
+    vec![
+        (
+            "POST",
+            "/register".into(),
+            Some(
+                json!({"name": "carol", "password": "long-enough-pw", "public_key": crate::support::key("p256.pem")}),
+            ),
+        ),
+        (
+            "POST",
+            "/login".into(),
+            Some(json!({"name": "alice", "password": crate::support::PASSWORD})),
+        ),
+        ("GET", "/me".into(), None),
+        (
+            "DELETE",
+            "/me".into(),
+            Some(json!({"password": crate::support::PASSWORD})),
+        ),
+        ("GET", format!("/public-key/{bob}"), None),
+        (
+            "PUT",
+            "/update-key".into(),
+            Some(json!({"public_key": crate::support::key("p256.pem")})),
+        ),
+        ("GET", "/users?name=bob".into(), None),
+        (
+            "POST",
+            "/messages".into(),
+            Some(json!({"recipient_id": bob, "encrypted_data": "aGk="})),
+        ),
+        ("GET", "/messages".into(), None),
+        ("PUT", format!("/messages/{message}/delivered"), None),
+        (
+            "POST",
+            "/messages/delivered".into(),
+            Some(json!({ "ids": [message] })),
+        ),
+        ("GET", "/metrics".into(), None),
+        ("GET", "/health/ready".into(), None),
+    ]
+}
+
+/// Each call answers 503 `unavailable` within 2 s; the slowest answer.
+async fn all_unavailable_within_2s(app: &TestApp, token: &str, calls: &[Call]) -> Duration {
+    let mut slowest = Duration::ZERO;
+    for (method, path, body) in calls {
+        let started = Instant::now();
+        let mut request = app.request(method, path).bearer(token);
+        if let Some(body) = body {
+            request = request.json(body.clone());
+        }
+        let r = request.send().await;
+        let took = started.elapsed();
+        r.assert_error(503, "unavailable");
+        assert!(
+            took < Duration::from_secs(2),
+            "{method} {path}: 503 after {took:?}"
+        );
+        slowest = slowest.max(took);
+    }
+    slowest
+}
+
+/// A database with no connection left to give (a spike of instances, say): a new instance
+/// answers 503 within 2 s on every endpoint instead of hanging until the Lambda times out, and
+/// serves again as soon as connections are free.
+#[tokio::test]
+async fn a_database_at_its_connection_limit_answers_503_fast() {
+    use sqlx::Connection;
+    let cluster = Cluster::start_with("-c max_connections=6 -c superuser_reserved_connections=0");
+    let url = cluster.url();
+    let setup = TestApp::connect(&[("DATABASE_URL", &url)]).await;
+    functions::migrate::run(&setup.state.db).await.unwrap();
+    let (_, alice_token) = setup.user("alice").await;
+    let (bob, bob_token) = setup.user("bob").await;
+    let sent = setup
+        .request("POST", "/messages")
+        .bearer(&alice_token)
+        .json(json!({"recipient_id": bob, "encrypted_data": "aGk="}))
+        .send()
+        .await;
+    let message = sent.body["id"].as_str().unwrap().to_string();
+
+    // Every connection the server allows is taken.
+    let mut taken = Vec::new();
+    while let Ok(connection) = sqlx::PgConnection::connect(&url).await {
+        taken.push(connection);
+        assert!(taken.len() < 10, "max_connections is not in force");
+    }
+    let app = TestApp::connect(&[("DATABASE_URL", &url)]).await;
+    let calls = every_database_endpoint(&bob, &message);
+    let slowest = all_unavailable_within_2s(&app, &alice_token, &calls).await;
+    assert_eq!(app.request("GET", "/health").send().await.status, 200);
+    println!(
+        "database full: {} endpoints answered 503, slowest in {} ms",
+        calls.len(),
+        slowest.as_millis()
+    );
+
+    for connection in taken {
+        connection.close().await.unwrap();
+    }
+    let r = app
+        .request("GET", "/messages")
+        .bearer(&bob_token)
+        .send()
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["messages"][0]["id"], message.as_str());
 }
 
 fn base64_of(n: u32) -> String {

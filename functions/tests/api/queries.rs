@@ -44,6 +44,56 @@ async fn plan_with(
     rows.join("\n")
 }
 
+/// Every statement the functions run is prepared against the migrated schema, so a misspelt
+/// column or a wrong parameter type fails here, not in a request.
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn every_statement_prepares_against_the_schema(pool: PgPool) {
+    use sqlx::Executor;
+    let statements = [
+        functions::register::PRECHECK_SQL,
+        functions::register::INSERT_SQL,
+        functions::credentials::ATTEMPT_SQL,
+        functions::credentials::FORGIVE_SQL,
+        functions::me::SQL,
+        functions::delete_account::CALLER_SQL,
+        functions::delete_account::DELETE_SQL,
+        functions::get_public_key::SQL,
+        functions::lookup_user::SQL,
+        functions::update_key::UPDATE_SQL,
+        functions::send_message::SEND_SQL,
+        functions::get_messages::PAGE_SQL,
+        functions::confirm_deliveries::CONFIRM_SQL,
+        functions::purge::DELETE_MESSAGES_SQL,
+        functions::purge::DELETE_RATE_LIMITS_SQL,
+        functions::purge::RECORD_RUN_SQL,
+        functions::metrics::SNAPSHOT_SQL,
+    ];
+    for sql in statements {
+        if let Err(error) = pool.describe(sqlx::SqlSafeStr::into_sql_str(sql)).await {
+            panic!("{error}\n{sql}");
+        }
+    }
+}
+
+/// The rate-limit buckets: `Bucket` in Rust and the table's CHECK list the same names.
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn rate_limit_buckets_agree_with_the_schema(pool: PgPool) {
+    let check: String = sqlx::query_scalar(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'rate_limits_bucket_check'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let mut in_schema: Vec<&str> = check.split('\'').skip(1).step_by(2).collect();
+    in_schema.sort_unstable();
+    let mut in_rust: Vec<&str> = functions::rate_limit::Bucket::ALL
+        .iter()
+        .map(|b| b.as_str())
+        .collect();
+    in_rust.sort_unstable();
+    assert_eq!(in_rust, in_schema, "{check}");
+}
+
 #[sqlx::test(migrator = "common::db::MIGRATOR")]
 async fn each_query_uses_its_index_on_a_million_messages(pool: PgPool) {
     let users: Vec<uuid::Uuid> = (0..100).map(|_| uuid::Uuid::now_v7()).collect();
