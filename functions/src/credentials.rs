@@ -2,8 +2,10 @@
 //!
 //! The attempt is counted in its three buckets before bcrypt runs, in the same statement that
 //! finds the user: however many attempts arrive at once, on however many instances, no more than
-//! each limit are ever checked against the password. A success gives its provisional count back
-//! and clears the name-and-address counter, its own.
+//! each limit are ever checked against the password. An attempt refused by one limit gives its
+//! count back to the others (it guessed nothing), so one address locked out after
+//! `LOGIN_MAX_FAILURES` cannot go on filling the name's counter for every address. A success
+//! gives its provisional count back too, and clears the name-and-address counter, its own.
 
 use common::domain::Password;
 use common::{ApiError, AppState, password};
@@ -12,7 +14,8 @@ use uuid::Uuid;
 use crate::rate_limit::{Bucket, name_address_key};
 
 /// Counts the attempt (`$1` buckets, `$2` keys, `$3` window, `$4` limits) and finds the user by
-/// its name key (`$5`, on `users_name_key`). `retry_after` is set when any limit is exceeded.
+/// its name key (`$5`, on `users_name_key`). `over` lists the buckets past their limit, and
+/// `retry_after` is the longest wait among them.
 pub const ATTEMPT_SQL: &str = concat!(
     "WITH attempt_keys AS (SELECT * FROM unnest($1::text[], $2::text[]) AS k(bucket, key)), ",
     "limits AS (SELECT * FROM unnest($1::text[], $4::int[]) AS l(bucket, max_attempts)), ",
@@ -20,6 +23,8 @@ pub const ATTEMPT_SQL: &str = concat!(
     include_str!("sql/record_attempt.sql"),
     ")\n",
     "SELECT u.id, u.hashed_password, ",
+    "ARRAY (SELECT a.bucket FROM attempt a JOIN limits l USING (bucket) ",
+    "WHERE a.attempts > l.max_attempts) AS over, ",
     "(SELECT max(a.retry_after) FROM attempt a JOIN limits l USING (bucket) ",
     "WHERE a.attempts > l.max_attempts) AS retry_after ",
     "FROM (SELECT 1) AS one LEFT JOIN users u ON lower(u.name COLLATE \"C\") = $5"
@@ -37,10 +42,19 @@ WITH forgiven AS (
 UPDATE users SET hashed_password = $5 WHERE id = $4 AND $5::text IS NOT NULL
 "#;
 
+/// After a refusal: one less in each (`$1` bucket, `$2` key) given, the counters that were not
+/// past their limit.
+pub const GIVE_BACK_SQL: &str = r#"
+UPDATE rate_limits AS r SET attempts = greatest(r.attempts - 1, 0)
+FROM unnest($1::text[], $2::text[]) AS k(bucket, key)
+WHERE r.bucket = k.bucket AND r.key = k.key
+"#;
+
 #[derive(sqlx::FromRow)]
 struct Attempt {
     id: Option<Uuid>,
     hashed_password: Option<String>,
+    over: Vec<String>,
     retry_after: Option<i64>,
 }
 
@@ -89,6 +103,19 @@ pub async fn check(
         .fetch_one(state.pool())
         .await?;
     if let Some(retry_after) = attempt.retry_after {
+        let (under_buckets, under_keys): (Vec<&str>, Vec<&str>) = buckets
+            .iter()
+            .zip(&keys)
+            .filter(|(bucket, _)| !attempt.over.iter().any(|over| over == *bucket))
+            .map(|(bucket, key)| (*bucket, *key))
+            .unzip();
+        state
+            .db
+            .query(GIVE_BACK_SQL)
+            .bind(&under_buckets)
+            .bind(&under_keys)
+            .execute(state.pool())
+            .await?;
         return Err(ApiError::RateLimited {
             retry_after_seconds: retry_after.max(1) as u64,
         });

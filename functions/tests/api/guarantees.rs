@@ -385,7 +385,7 @@ async fn login_failures_are_counted_three_ways(pool: PgPool) {
         pool,
         &[
             ("LOGIN_MAX_FAILURES", "2"),
-            ("LOGIN_MAX_FAILURES_PER_NAME", "7"),
+            ("LOGIN_MAX_FAILURES_PER_NAME", "6"),
             ("LOGIN_MAX_FAILURES_PER_ADDRESS", "4"),
         ],
     );
@@ -397,8 +397,8 @@ async fn login_failures_are_counted_three_ways(pool: PgPool) {
             .json(json!({"name": name, "password": password}))
             .send()
     };
-    // Two failures lock carol from that address only. (Every attempt counts in all three
-    // counters, the refused one too; a success gives its own back.)
+    // Two failures lock carol from that address only. (An attempt counts in all three counters;
+    // one refused by a limit, and a success, give their count back to the others.)
     for _ in 0..2 {
         login("carol", "wrong-password", "198.51.100.1")
             .await
@@ -408,7 +408,7 @@ async fn login_failures_are_counted_three_ways(pool: PgPool) {
         .await
         .assert_error(429, "rate_limited");
     assert_eq!(login("carol", PASSWORD, "192.0.2.10").await.status, 200);
-    // A stranger's failures from other addresses: with these four the name has seen seven.
+    // A stranger's failures from other addresses: with these four the name has seen six.
     for ip in [
         "198.51.100.2",
         "198.51.100.2",
@@ -437,6 +437,46 @@ async fn login_failures_are_counted_three_ways(pool: PgPool) {
         .await
         .assert_error(429, "rate_limited");
     assert_eq!(login("dave", PASSWORD, "2001:db8:7:8::1").await.status, 200);
+}
+
+/// One address hammering a name is locked after `LOGIN_MAX_FAILURES`, and its refused attempts
+/// do not count toward the name's limit for every address: the user still logs in from her own.
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn one_address_cannot_lock_a_name_for_everyone(pool: PgPool) {
+    let app = TestApp::with_env(
+        pool.clone(),
+        &[
+            ("LOGIN_MAX_FAILURES", "3"),
+            ("LOGIN_MAX_FAILURES_PER_NAME", "10"),
+        ],
+    );
+    app.register("gina").await;
+    let mut statuses = Vec::new();
+    for _ in 0..30 {
+        let r = app
+            .request("POST", "/login")
+            .with_source_ip("203.0.113.66")
+            .json(json!({"name": "gina", "password": "wrong-password"}))
+            .send()
+            .await;
+        statuses.push(r.status);
+    }
+    assert_eq!(statuses[..3], [401, 401, 401]);
+    assert!(statuses[3..].iter().all(|s| *s == 429), "{statuses:?}");
+    let r = app
+        .request("POST", "/login")
+        .with_source_ip("192.0.2.44")
+        .json(json!({"name": "gina", "password": PASSWORD}))
+        .send()
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let name_count: i32 = sqlx::query_scalar(
+        "SELECT attempts FROM rate_limits WHERE bucket = 'login_name' AND key = 'gina'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(name_count, 3, "only the checked guesses count for the name");
 }
 
 /// Send quotas: per sender per window, per recipient in messages and bytes, never raced, and

@@ -54,6 +54,7 @@ async fn every_statement_prepares_against_the_schema(pool: PgPool) {
         functions::register::INSERT_SQL,
         functions::credentials::ATTEMPT_SQL,
         functions::credentials::FORGIVE_SQL,
+        functions::credentials::GIVE_BACK_SQL,
         functions::me::SQL,
         functions::delete_account::CALLER_SQL,
         functions::delete_account::DELETE_SQL,
