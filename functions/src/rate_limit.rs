@@ -40,9 +40,10 @@ impl Bucket {
     }
 }
 
-/// The upsert that counts one attempt per row of a CTE named `attempt_keys(bucket, key)`, with
-/// the window in `$3`; statements compose it as `attempt AS (...)`.
-pub const RECORD_SQL: &str = include_str!("sql/record_attempt.sql");
+// sql/record_attempt.sql is the upsert that counts one attempt per row of a CTE named
+// `attempt_keys(bucket, key)`, with the window in `$3`. register.rs and credentials.rs compose it
+// as `attempt AS (...)` with `concat!(..., include_str!(...), ...)`, which takes literals only,
+// so there is no constant of it here.
 
 /// The key of the name-and-address counter. Names never contain `@`.
 pub fn name_address_key(name_key: &str, address: &str) -> String {
