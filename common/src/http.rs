@@ -23,29 +23,26 @@ pub struct JsonObject(Map<String, Value>);
 impl JsonObject {
     /// A required string field: absent or null is 422, another JSON type is 400.
     pub fn required_str(&self, field: &'static str) -> Result<&str, ApiError> {
-        match self.0.get(field) {
-            None | Some(Value::Null) => {
-                Err(ApiError::validation(field, format!("{field} is required")))
-            }
-            Some(Value::String(s)) => Ok(s),
-            Some(_) => Err(ApiError::bad_field(
-                field,
-                format!("{field} must be a string"),
-            )),
-        }
+        self.required(field, "a string", Value::as_str)
     }
 
     /// A required array field: absent or null is 422, another JSON type is 400.
     pub fn required_array(&self, field: &'static str) -> Result<&[Value], ApiError> {
+        self.required(field, "an array", |v| v.as_array().map(Vec::as_slice))
+    }
+
+    fn required<'a, T>(
+        &'a self,
+        field: &'static str,
+        kind: &str,
+        as_kind: impl Fn(&'a Value) -> Option<T>,
+    ) -> Result<T, ApiError> {
         match self.0.get(field) {
             None | Some(Value::Null) => {
                 Err(ApiError::validation(field, format!("{field} is required")))
             }
-            Some(Value::Array(items)) => Ok(items),
-            Some(_) => Err(ApiError::bad_field(
-                field,
-                format!("{field} must be an array"),
-            )),
+            Some(value) => as_kind(value)
+                .ok_or_else(|| ApiError::bad_field(field, format!("{field} must be {kind}"))),
         }
     }
 }
