@@ -73,7 +73,7 @@ pub(crate) async fn phase7(
     fx: &Fixture,
 ) {
     let reader = register(state4, &fresh_name("frank")).await;
-    let token = state.jwt().unwrap().issue(reader).unwrap().access_token;
+    let token = state.jwt().unwrap().issue(reader, 1).unwrap().access_token;
     let mut table = Table::new(
         "7. Delivery cycle per page of k messages: fetch, then confirm by one batch or k single calls (us; in process, deployed settings)",
         &[

@@ -162,8 +162,8 @@ pub(crate) async fn setup(state: &'static AppState, state4: &'static AppState) -
         .map(|i| (i * 131 % 251) as u8)
         .collect();
     let ciphertext_b64 = B64.encode(&ciphertext);
-    let bob_token = state.jwt().unwrap().issue(bob).unwrap().access_token;
-    let alice_token = state.jwt().unwrap().issue(alice).unwrap().access_token;
+    let bob_token = state.jwt().unwrap().issue(bob, 1).unwrap().access_token;
+    let alice_token = state.jwt().unwrap().issue(alice, 1).unwrap().access_token;
     let send = |to: Uuid| {
         ApiEvent::new("POST", "/messages")
             .bearer(&bob_token)

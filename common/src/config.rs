@@ -16,6 +16,8 @@ pub struct Config {
     /// Only functions that issue or verify access tokens get it (template.yaml); they require
     /// it at init (`Config::require_jwt_secret`), the others start without it.
     pub jwt_secret: Option<Secret<String>>,
+    /// The secret before the last rotation: tokens it signed still verify until they expire.
+    pub jwt_previous_secret: Option<Secret<String>>,
     pub jwt_ttl_seconds: u64,
     pub jwt_issuer: String,
     pub jwt_audience: String,
@@ -35,6 +37,17 @@ pub struct Config {
     pub send_window_seconds: u64,
     pub max_pending_per_recipient: u32,
     pub max_pending_bytes_per_recipient: u64,
+    pub max_pending_from_one_sender: u32,
+    pub max_devices_per_account: u32,
+    pub link_code_ttl_seconds: u64,
+    pub link_codes_max_per_window: u32,
+    pub link_max_failures: u32,
+    pub link_window_seconds: u64,
+    pub prekey_upload_max: u32,
+    pub prekey_max_stored: u32,
+    pub prekey_claims_per_window: u32,
+    pub prekey_claims_per_target: u32,
+    pub prekey_claim_window_seconds: u64,
     pub metrics_token: Option<Secret<String>>,
 }
 
@@ -94,20 +107,14 @@ impl Config {
     /// Reads through `lookup` so tests can configure without touching the process environment.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let env = Env(&lookup);
-        let jwt_secret = env.get("JWT_SECRET");
-        if let Some(secret) = &jwt_secret
-            && secret.len() < 32
-        {
-            return Err(invalid(
-                "JWT_SECRET",
-                format!("must be at least 32 bytes, got {}", secret.len()),
-            ));
-        }
+        let jwt_secret = env.secret_of_32_bytes("JWT_SECRET")?;
+        let jwt_previous_secret = env.secret_of_32_bytes("JWT_PREVIOUS_SECRET")?;
         let max_message_bytes =
             env.number("MAX_MESSAGE_BYTES", 65_536, 1, MAX_MESSAGE_BYTES_LIMIT)?;
         Ok(Self {
             database: DatabaseConfig::from_env(&env)?,
             jwt_secret: jwt_secret.map(Secret::new),
+            jwt_previous_secret: jwt_previous_secret.map(Secret::new),
             jwt_ttl_seconds: env.number("JWT_TTL_SECONDS", 900, 1, 86_400)?,
             jwt_issuer: env
                 .get("JWT_ISSUER")
@@ -148,6 +155,27 @@ impl Config {
                 256 * 1024 * 1024,
                 1,
                 1 << 40,
+            )?,
+            max_pending_from_one_sender: env.number(
+                "MAX_PENDING_FROM_ONE_SENDER",
+                1000,
+                1,
+                1_000_000,
+            )?,
+            max_devices_per_account: env.number("MAX_DEVICES_PER_ACCOUNT", 6, 2, 100)?,
+            link_code_ttl_seconds: env.number("LINK_CODE_TTL_SECONDS", 600, 1, 86_400)?,
+            link_codes_max_per_window: env.number("LINK_CODES_MAX_PER_WINDOW", 6, 1, 1_000_000)?,
+            link_max_failures: env.number("LINK_MAX_FAILURES", 10, 1, 1_000_000)?,
+            link_window_seconds: env.number("LINK_WINDOW_SECONDS", 3600, 1, 86_400 * 7)?,
+            prekey_upload_max: env.number("PREKEY_UPLOAD_MAX", 100, 1, 10_000)?,
+            prekey_max_stored: env.number("PREKEY_MAX_STORED", 1000, 1, 100_000)?,
+            prekey_claims_per_window: env.number("PREKEY_CLAIMS_PER_WINDOW", 600, 1, 1_000_000)?,
+            prekey_claims_per_target: env.number("PREKEY_CLAIMS_PER_TARGET", 100, 1, 1_000_000)?,
+            prekey_claim_window_seconds: env.number(
+                "PREKEY_CLAIM_WINDOW_SECONDS",
+                3600,
+                1,
+                86_400 * 7,
             )?,
             metrics_token: env.get("METRICS_TOKEN").map(Secret::new),
         })
@@ -274,6 +302,17 @@ impl Env<'_> {
             ));
         }
         Ok(value)
+    }
+
+    /// An HMAC key: unset, or at least 32 bytes.
+    fn secret_of_32_bytes(&self, name: &'static str) -> Result<Option<String>, ConfigError> {
+        match self.get(name) {
+            Some(secret) if secret.len() < 32 => Err(invalid(
+                name,
+                format!("must be at least 32 bytes, got {}", secret.len()),
+            )),
+            secret => Ok(secret),
+        }
     }
 
     fn flag(&self, name: &'static str) -> Result<bool, ConfigError> {

@@ -167,6 +167,8 @@ pub enum KeyKind {
 pub struct PublicKeyPem {
     pem: String,
     kind: KeyKind,
+    /// The 32 raw bytes of an X25519 or Ed25519 key (what the contract's signatures cover).
+    raw: Option<[u8; 32]>,
 }
 
 impl PublicKeyPem {
@@ -189,10 +191,31 @@ impl PublicKeyPem {
         let kind = key_kind(&der).ok_or_else(|| {
             reject("public_key must be RSA (2048 to 8192 bits), EC P-256/P-384, Ed25519 or X25519")
         })?;
+        let raw = match kind {
+            KeyKind::X25519 | KeyKind::Ed25519 => SubjectPublicKeyInfoRef::try_from(der.as_slice())
+                .ok()
+                .and_then(|spki| spki.subject_public_key.as_bytes()?.try_into().ok()),
+            _ => None,
+        };
+        if kind == KeyKind::X25519 && raw.is_none_or(|raw| is_small_order_x25519(&raw)) {
+            return Err(reject(
+                "public_key is a small-order X25519 point: no shared secret can come from it",
+            ));
+        }
         // Re-encoding a block that was just decoded cannot fail; refuse rather than panic.
         let pem = pem_rfc7468::encode_string("PUBLIC KEY", pem_rfc7468::LineEnding::LF, &der)
             .map_err(|_| reject("public_key is not valid PEM"))?;
-        Ok(Self { pem, kind })
+        Ok(Self { pem, kind, raw })
+    }
+
+    /// The key's 32 raw bytes when it is X25519.
+    pub fn x25519(&self) -> Option<[u8; 32]> {
+        self.raw.filter(|_| self.kind == KeyKind::X25519)
+    }
+
+    /// The key's 32 raw bytes when it is Ed25519.
+    pub fn ed25519(&self) -> Option<[u8; 32]> {
+        self.raw.filter(|_| self.kind == KeyKind::Ed25519)
     }
 
     pub fn as_str(&self) -> &str {
@@ -238,6 +261,16 @@ fn key_kind(der: &[u8]) -> Option<KeyKind> {
         return (spki.algorithm.parameters.is_none() && raw.len() == 32).then_some(KeyKind::X25519);
     }
     None
+}
+
+/// Whether a raw X25519 public key is a point of small order (RFC 7748 section 6.1: the all-zero
+/// shared secret follows from it whatever the private key): multiplied by any clamped scalar (a
+/// multiple of the cofactor 8) it gives u = 0. Catches every encoding, non-canonical ones too.
+pub fn is_small_order_x25519(raw: &[u8; 32]) -> bool {
+    curve25519_dalek::montgomery::MontgomeryPoint(*raw)
+        .mul_clamped([0x55; 32])
+        .to_bytes()
+        == [0; 32]
 }
 
 /// Ciphertext: standard base64 with padding that decodes to 1..=`max` bytes.

@@ -23,9 +23,19 @@ pub enum ApiError {
     #[error("invalid name or password")]
     InvalidCredentials,
     #[error("{0}")]
+    Forbidden(&'static str),
+    #[error("the link code is unknown, expired, already used or another account's")]
+    LinkCodeInvalid,
+    #[error("{0}")]
     NotFound(&'static str),
     #[error("{0}")]
     Conflict(&'static str),
+    /// A multi-device send that does not name the recipient's current devices and keys. The
+    /// object's fields (`missing`, `extra`, `stale`, `devices`) join the error body.
+    #[error("the recipient's devices or keys changed: seal for the devices listed")]
+    DevicesChanged(Box<serde_json::Map<String, serde_json::Value>>),
+    #[error("the account already has as many devices as allowed")]
+    DeviceLimit,
     #[error("{message}")]
     PayloadTooLarge {
         message: String,
@@ -40,6 +50,8 @@ pub enum ApiError {
     },
     #[error("this Idempotency-Key was already used for a different request")]
     IdempotencyKeyReused,
+    #[error("{field} does not verify; nothing was stored")]
+    InvalidSignature { field: &'static str },
     #[error("too many attempts, retry later")]
     RateLimited { retry_after_seconds: u64 },
     #[error("the recipient's mailbox is full, retry later")]
@@ -90,13 +102,14 @@ impl ApiError {
         match self {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthorized | Self::InvalidCredentials => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) | Self::LinkCodeInvalid => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::Conflict(_) | Self::DevicesChanged(_) | Self::DeviceLimit => StatusCode::CONFLICT,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Validation { .. } | Self::IdempotencyKeyReused => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            Self::Validation { .. }
+            | Self::IdempotencyKeyReused
+            | Self::InvalidSignature { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::RateLimited { .. } | Self::MailboxFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -108,12 +121,17 @@ impl ApiError {
             Self::BadRequest { .. } => "bad_request",
             Self::Unauthorized => "unauthorized",
             Self::InvalidCredentials => "invalid_credentials",
+            Self::Forbidden(_) => "forbidden",
+            Self::LinkCodeInvalid => "link_code_invalid",
             Self::NotFound(_) => "not_found",
             Self::Conflict(_) => "conflict",
+            Self::DevicesChanged(_) => "devices_changed",
+            Self::DeviceLimit => "device_limit",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::Validation { .. } => "validation_failed",
             Self::IdempotencyKeyReused => "idempotency_key_reused",
+            Self::InvalidSignature { .. } => "invalid_signature",
             Self::RateLimited { .. } => "rate_limited",
             Self::MailboxFull { .. } => "mailbox_full",
             Self::Internal(_) => "internal",
@@ -124,7 +142,7 @@ impl ApiError {
     fn field(&self) -> Option<&'static str> {
         match self {
             Self::BadRequest { field, .. } | Self::PayloadTooLarge { field, .. } => *field,
-            Self::Validation { field, .. } => Some(field),
+            Self::Validation { field, .. } | Self::InvalidSignature { field } => Some(field),
             _ => None,
         }
     }
@@ -140,12 +158,16 @@ impl ApiError {
 
     /// The error body as JSON, for responses that add fields to it (e.g. readiness).
     pub fn body(&self) -> serde_json::Value {
-        serde_json::to_value(ErrorBody {
+        let mut body = serde_json::to_value(ErrorBody {
             error: self.code(),
             message: &self.public_message(),
             field: self.field(),
         })
-        .expect("an error body always serializes")
+        .expect("an error body always serializes");
+        if let (Self::DevicesChanged(extra), Some(object)) = (self, body.as_object_mut()) {
+            object.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        body
     }
 
     pub fn into_response(self) -> Response<Body> {
@@ -237,6 +259,21 @@ mod tests {
             (ApiError::bad_request("x"), 400, "bad_request"),
             (ApiError::Unauthorized, 401, "unauthorized"),
             (ApiError::InvalidCredentials, 401, "invalid_credentials"),
+            (ApiError::Forbidden("device 1"), 403, "forbidden"),
+            (ApiError::LinkCodeInvalid, 403, "link_code_invalid"),
+            (ApiError::DeviceLimit, 409, "device_limit"),
+            (
+                ApiError::DevicesChanged(Box::default()),
+                409,
+                "devices_changed",
+            ),
+            (
+                ApiError::InvalidSignature {
+                    field: "binding_sig",
+                },
+                422,
+                "invalid_signature",
+            ),
             (ApiError::NotFound("no such user"), 404, "not_found"),
             (ApiError::Conflict("name already taken"), 409, "conflict"),
             (

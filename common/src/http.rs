@@ -31,6 +31,56 @@ impl JsonObject {
         self.required(field, "an array", |v| v.as_array().map(Vec::as_slice))
     }
 
+    /// An optional string field: absent or null is None, another JSON type is 400.
+    pub fn optional_str(&self, field: &'static str) -> Result<Option<&str>, ApiError> {
+        self.optional(field, "a string", Value::as_str)
+    }
+
+    /// A required whole number in `min..=max`: absent or null is 422, not a whole number 400,
+    /// out of range 422.
+    pub fn required_int(&self, field: &'static str, min: i64, max: i64) -> Result<i64, ApiError> {
+        self.optional_int(field, min, max)?
+            .ok_or_else(|| ApiError::validation(field, format!("{field} is required")))
+    }
+
+    /// An optional whole number in `min..=max`: absent or null is None, not a whole number 400,
+    /// out of range 422.
+    pub fn optional_int(
+        &self,
+        field: &'static str,
+        min: i64,
+        max: i64,
+    ) -> Result<Option<i64>, ApiError> {
+        let Some(value) = self.optional(field, "a whole number", json_integer)? else {
+            return Ok(None);
+        };
+        value
+            .filter(|v| (min..=max).contains(v))
+            .map(Some)
+            .ok_or_else(|| {
+                ApiError::validation(field, format!("{field} must be between {min} and {max}"))
+            })
+    }
+
+    /// Any field as it is, absent or null as None (for nested objects and arrays of them).
+    pub fn get(&self, field: &str) -> Option<&Value> {
+        self.0.get(field).filter(|v| !v.is_null())
+    }
+
+    fn optional<'a, T>(
+        &'a self,
+        field: &'static str,
+        kind: &str,
+        as_kind: impl Fn(&'a Value) -> Option<T>,
+    ) -> Result<Option<T>, ApiError> {
+        match self.0.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(value) => as_kind(value)
+                .map(Some)
+                .ok_or_else(|| ApiError::bad_field(field, format!("{field} must be {kind}"))),
+        }
+    }
+
     fn required<'a, T>(
         &'a self,
         field: &'static str,
@@ -45,6 +95,20 @@ impl JsonObject {
                 .ok_or_else(|| ApiError::bad_field(field, format!("{field} must be {kind}"))),
         }
     }
+}
+
+/// A JSON number that is a whole number: `Some(Some(n))`; a whole number past i64 (always out of
+/// any range asked): `Some(None)`; not a whole number at all: None. `1.0` is a whole number.
+pub fn json_integer(value: &Value) -> Option<Option<i64>> {
+    let number = value.as_number()?;
+    if let Some(n) = number.as_i64() {
+        return Some(Some(n));
+    }
+    if number.as_u64().is_some() {
+        return Some(None);
+    }
+    let f = number.as_f64()?;
+    (f.fract() == 0.0).then(|| (f.abs() < 9.0e15).then_some(f as i64))
 }
 
 /// Parses the body as a JSON object. Not JSON, not an object, or a non-JSON content type is 400;
@@ -117,15 +181,31 @@ impl<'de> Visitor<'de> for ObjectVisitor<'_> {
     }
 }
 
-/// The caller's user id from `Authorization: Bearer <jwt>`; anything else is 401.
-pub fn authenticate(request: &Request, jwt: &JwtKeys) -> Result<Uuid, ApiError> {
+/// Who calls: an account and one of its devices, as the token names them. Whether the device
+/// still exists is checked by each endpoint's own statement (no extra round trip): a removed
+/// device's or deleted account's token is 401 there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub user_id: Uuid,
+    /// Positive; the database's `integer`.
+    pub device_id: i32,
+}
+
+/// The caller from `Authorization: Bearer <jwt>`; anything else is 401. A token without `dev`
+/// is device 1's.
+pub fn authenticate(request: &Request, jwt: &JwtKeys) -> Result<Caller, ApiError> {
     let value = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .ok_or(ApiError::Unauthorized)?;
     let token = bearer_token(value).ok_or(ApiError::Unauthorized)?;
-    Ok(jwt.verify(token)?.sub)
+    let claims = jwt.verify(token)?;
+    Ok(Caller {
+        user_id: claims.sub,
+        // verify() refuses 0 and ids past i32::MAX.
+        device_id: claims.dev.map_or(1, |dev| dev as i32),
+    })
 }
 
 /// Requires `Authorization: Bearer <expected>` for a static token (e.g. `METRICS_TOKEN`),

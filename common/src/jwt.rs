@@ -18,6 +18,9 @@ const NON_EMPTY: &str = "Config guarantees a non-empty JWT secret";
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Claims {
     pub sub: Uuid,
+    /// The device of the account (API.md "Devices"); absent means device 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev: Option<u32>,
     pub iat: u64,
     pub exp: u64,
     pub iss: String,
@@ -27,7 +30,11 @@ pub struct Claims {
 
 pub struct JwtKeys {
     encoding: EncodingKey,
+    /// The `kid` of `JWT_SECRET` (every token is signed with it) and its key.
+    kid: String,
     decoding: DecodingKey,
+    /// `JWT_PREVIOUS_SECRET`'s `kid` and key: its tokens verify until they expire.
+    previous: Option<(String, DecodingKey)>,
     validation: Validation,
     issuer: String,
     audience: String,
@@ -52,6 +59,13 @@ impl JwtKeys {
     /// The keys of `JWT_SECRET`, or None for a function configured without it.
     pub fn new(config: &Config) -> Option<Self> {
         let secret = config.jwt_secret.as_ref()?.expose().as_bytes();
+        let previous = config.jwt_previous_secret.as_ref().map(|previous| {
+            let previous = previous.expose().as_bytes();
+            (
+                key_id(previous),
+                DecodingKey::from_secret(previous).expect(NON_EMPTY),
+            )
+        });
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_issuer(&[&config.jwt_issuer]);
         validation.set_audience(&[&config.jwt_audience]);
@@ -60,7 +74,9 @@ impl JwtKeys {
         validation.validate_nbf = true;
         Some(Self {
             encoding: EncodingKey::from_secret(secret).expect(NON_EMPTY),
+            kid: key_id(secret),
             decoding: DecodingKey::from_secret(secret).expect(NON_EMPTY),
+            previous,
             validation,
             issuer: config.jwt_issuer.clone(),
             audience: config.jwt_audience.clone(),
@@ -68,19 +84,22 @@ impl JwtKeys {
         })
     }
 
-    pub fn issue(&self, user_id: Uuid) -> Result<IssuedToken, TokenError> {
+    /// A token for `device_id` of `user_id`, signed with `JWT_SECRET` and naming it in `kid`.
+    pub fn issue(&self, user_id: Uuid, device_id: u32) -> Result<IssuedToken, TokenError> {
         let now = unix_now();
         let claims = Claims {
             sub: user_id,
+            dev: Some(device_id),
             iat: now,
             exp: now + self.ttl_seconds,
             iss: self.issuer.clone(),
             aud: self.audience.clone(),
             jti: Uuid::now_v7(),
         };
-        let access_token =
-            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
-                .map_err(|e| TokenError::Signing(e.to_string()))?;
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some(self.kid.clone());
+        let access_token = jsonwebtoken::encode(&header, &claims, &self.encoding)
+            .map_err(|e| TokenError::Signing(e.to_string()))?;
         Ok(IssuedToken {
             access_token,
             expires_in: self.ttl_seconds,
@@ -88,16 +107,44 @@ impl JwtKeys {
     }
 
     /// Any failure is the same 401: the client learns nothing about why.
+    /// The key is the one `kid` names: `JWT_SECRET`'s, `JWT_PREVIOUS_SECRET`'s, or without a
+    /// `kid` `JWT_SECRET`'s; an unknown `kid` is refused.
     pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
-        let claims = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Refused)?;
+        let decoding = match header.kid.as_deref() {
+            None => &self.decoding,
+            Some(kid) if kid == self.kid => &self.decoding,
+            Some(kid) => match &self.previous {
+                Some((previous_kid, previous)) if kid == previous_kid => previous,
+                _ => return Err(TokenError::Refused),
+            },
+        };
+        let claims = jsonwebtoken::decode::<Claims>(token, decoding, &self.validation)
             .map_err(|_| TokenError::Refused)?
             .claims;
         // jsonwebtoken does not check `iat`; a token issued in the future was not issued by us.
         if claims.iat > unix_now() + LEEWAY_SECONDS {
             return Err(TokenError::Refused);
         }
+        // Device ids are positive and fit the database's integer.
+        if claims
+            .dev
+            .is_some_and(|dev| dev == 0 || dev > i32::MAX as u32)
+        {
+            return Err(TokenError::Refused);
+        }
         Ok(claims)
     }
+}
+
+/// A secret's `kid`: the first 8 bytes of its SHA-256, as 16 lowercase hex characters. It names
+/// the secret without revealing it.
+pub fn key_id(secret: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(secret)[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn unix_now() -> u64 {
@@ -147,10 +194,16 @@ mod tests {
     fn round_trip() {
         let keys = keys();
         let user = Uuid::now_v7();
-        let token = keys.issue(user).unwrap();
+        let token = keys.issue(user, 3).unwrap();
         assert_eq!(token.expires_in, 900);
         let claims = keys.verify(&token.access_token).unwrap();
         assert_eq!(claims.sub, user);
+        assert_eq!(claims.dev, Some(3));
+        let header = jsonwebtoken::decode_header(&token.access_token).unwrap();
+        assert_eq!(
+            header.kid.as_deref(),
+            Some(key_id(SECRET.as_bytes()).as_str())
+        );
         assert_eq!(claims.exp - claims.iat, 900);
     }
 
@@ -226,7 +279,7 @@ mod tests {
                 SECRET.as_bytes(),
             ),
         ));
-        let good = keys.issue(Uuid::now_v7()).unwrap().access_token;
+        let good = keys.issue(Uuid::now_v7(), 1).unwrap().access_token;
         let mut parts: Vec<String> = good.split('.').map(String::from).collect();
         let mut payload: serde_json::Value =
             serde_json::from_slice(&B64.decode(&parts[1]).unwrap()).unwrap();
@@ -241,5 +294,99 @@ mod tests {
                 "{what} must be refused"
             );
         }
+    }
+
+    fn keys_with(vars: &[(&'static str, &'static str)]) -> JwtKeys {
+        let config = Config::from_lookup(|k| {
+            vars.iter()
+                .find(|(name, _)| *name == k)
+                .map(|(_, v)| v.to_string())
+                .or_else(|| (k == "DATABASE_URL").then(|| "postgres://localhost/x".into()))
+        })
+        .unwrap();
+        JwtKeys::new(&config).expect("JWT_SECRET is set")
+    }
+
+    const NEXT: &str = "the-next-secret-the-next-secret-0123";
+
+    #[test]
+    fn rotation_keeps_old_tokens_until_they_expire() {
+        let old_token = keys().issue(Uuid::now_v7(), 1).unwrap().access_token;
+        let rotated = keys_with(&[("JWT_SECRET", NEXT), ("JWT_PREVIOUS_SECRET", SECRET)]);
+        assert!(
+            rotated.verify(&old_token).is_ok(),
+            "a token of the previous secret"
+        );
+        let new_token = rotated.issue(Uuid::now_v7(), 2).unwrap().access_token;
+        let header = jsonwebtoken::decode_header(&new_token).unwrap();
+        assert_eq!(header.kid.unwrap(), key_id(NEXT.as_bytes()));
+        assert!(rotated.verify(&new_token).is_ok());
+        // The old key alone does not know the new secret.
+        assert!(keys().verify(&new_token).is_err());
+        // Once the previous secret is dropped, its tokens are refused.
+        let after = keys_with(&[("JWT_SECRET", NEXT)]);
+        assert!(after.verify(&old_token).is_err());
+        assert!(after.verify(&new_token).is_ok());
+    }
+
+    #[test]
+    fn kid_selects_the_key() {
+        let now = unix_now();
+        let rotated = keys_with(&[("JWT_SECRET", NEXT), ("JWT_PREVIOUS_SECRET", SECRET)]);
+        // No kid: JWT_SECRET only.
+        let plain = json!({"alg": "HS256", "typ": "JWT"});
+        assert!(
+            rotated
+                .verify(&sign(plain.clone(), claims(now), NEXT.as_bytes()))
+                .is_ok()
+        );
+        assert!(
+            rotated
+                .verify(&sign(plain, claims(now), SECRET.as_bytes()))
+                .is_err()
+        );
+        // A kid that names one secret, signed with the other, or an unknown kid: refused.
+        let named_old = json!({"alg": "HS256", "kid": key_id(SECRET.as_bytes())});
+        assert!(
+            rotated
+                .verify(&sign(named_old.clone(), claims(now), SECRET.as_bytes()))
+                .is_ok()
+        );
+        assert!(
+            rotated
+                .verify(&sign(named_old, claims(now), NEXT.as_bytes()))
+                .is_err()
+        );
+        let unknown = json!({"alg": "HS256", "kid": "0000000000000000"});
+        assert!(
+            rotated
+                .verify(&sign(unknown, claims(now), NEXT.as_bytes()))
+                .is_err()
+        );
+        // dev: absent is device 1 (None here), 0 or past i32 refused.
+        let mut c = claims(now);
+        c["dev"] = json!(0);
+        assert!(
+            keys()
+                .verify(&sign(json!({"alg": "HS256"}), c, SECRET.as_bytes()))
+                .is_err()
+        );
+        let mut c = claims(now);
+        c["dev"] = json!(1u64 << 31);
+        assert!(
+            keys()
+                .verify(&sign(json!({"alg": "HS256"}), c, SECRET.as_bytes()))
+                .is_err()
+        );
+        let mut c = claims(now);
+        c["dev"] = json!(7);
+        let ok = keys().verify(&sign(json!({"alg": "HS256"}), c, SECRET.as_bytes()));
+        assert_eq!(ok.unwrap().dev, Some(7));
+    }
+
+    #[test]
+    fn key_id_is_sha256_prefix() {
+        // SHA-256("abc") starts ba7816bf8f01cfea.
+        assert_eq!(key_id(b"abc"), "ba7816bf8f01cfea");
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use common::domain::canonical_uuid;
-use common::http::{authenticate, json_body};
+use common::http::{Caller, authenticate, json_body};
 use common::response::json_response;
 use common::runtime::HandlerResult;
 use common::{ApiError, AppState};
@@ -21,13 +21,15 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// Marking delivered and erasing the ciphertext is one statement, scoped by recipient, so no
 /// delivered message's content outlives the confirmation and nobody confirms another's
-/// messages. Already delivered ones match again (confirming twice is fine). The caller row makes
-/// a deleted account's token 401.
+/// messages (nor another device's of the same account). Already delivered ones match again
+/// (confirming twice is fine). The caller row makes a removed device's token 401.
 pub const CONFIRM_SQL: &str = r#"
-WITH caller AS (SELECT id FROM users WHERE id = $1),
+WITH caller AS (SELECT user_id, device_id FROM devices WHERE user_id = $1 AND device_id = $3),
 confirmed AS (
     UPDATE messages SET is_delivered = true, encrypted_data = NULL
-    WHERE recipient_id = (SELECT id FROM caller) AND id = ANY($2)
+    WHERE recipient_id = (SELECT user_id FROM caller)
+      AND recipient_device_id = (SELECT device_id FROM caller)
+      AND id = ANY($2)
     RETURNING id
 )
 SELECT EXISTS (SELECT 1 FROM caller) AS caller_exists, ARRAY (SELECT id FROM confirmed) AS confirmed
@@ -39,18 +41,19 @@ pub struct Confirmed {
     pub not_found: Vec<Uuid>,
 }
 
-/// Confirms `ids` for `caller`: the ids that were the caller's messages, or 401 when the
-/// caller's account is gone.
+/// Confirms `ids` for `caller`: the ids that were messages to the caller's device, or 401 when
+/// that device or its account is gone.
 pub async fn confirm(
     state: &AppState,
-    caller: Uuid,
+    caller: Caller,
     ids: &[Uuid],
 ) -> Result<HashSet<Uuid>, ApiError> {
     let (caller_exists, confirmed): (bool, Vec<Uuid>) = state
         .db
         .query_as(CONFIRM_SQL)
-        .bind(caller)
+        .bind(caller.user_id)
         .bind(ids)
+        .bind(caller.device_id)
         .fetch_one(state.pool())
         .await?;
     if !caller_exists {

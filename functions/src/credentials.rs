@@ -14,7 +14,9 @@ use uuid::Uuid;
 use crate::rate_limit::{Bucket, name_address_key};
 
 /// Counts the attempt (`$1` buckets, `$2` keys, `$3` window, `$4` limits) and finds the user by
-/// its name key (`$5`, on `users_name_key`). `over` lists the buckets past their limit, and
+/// its name key (`$5`, on `users_name_key`) with its device `$6`: `id` is NULL when either is
+/// missing, while the hash is still the user's, so an unknown device costs the same bcrypt time
+/// as a wrong password. `over` lists the buckets past their limit, and
 /// `retry_after` is the longest wait among them.
 pub const ATTEMPT_SQL: &str = concat!(
     "WITH attempt_keys AS (SELECT * FROM unnest($1::text[], $2::text[]) AS k(bucket, key)), ",
@@ -22,12 +24,13 @@ pub const ATTEMPT_SQL: &str = concat!(
     "attempt AS (\n",
     include_str!("sql/record_attempt.sql"),
     ")\n",
-    "SELECT u.id, u.hashed_password, ",
+    "SELECT CASE WHEN d.device_id IS NOT NULL THEN u.id END AS id, u.hashed_password, ",
     "ARRAY (SELECT a.bucket FROM attempt a JOIN limits l USING (bucket) ",
     "WHERE a.attempts > l.max_attempts) AS over, ",
     "(SELECT max(a.retry_after) FROM attempt a JOIN limits l USING (bucket) ",
     "WHERE a.attempts > l.max_attempts) AS retry_after ",
-    "FROM (SELECT 1) AS one LEFT JOIN users u ON lower(u.name COLLATE \"C\") = $5"
+    "FROM (SELECT 1) AS one LEFT JOIN users u ON lower(u.name COLLATE \"C\") = $5 ",
+    "LEFT JOIN devices d ON d.user_id = u.id AND d.device_id = $6"
 );
 
 /// After a success: the name-and-address counter (`$3`) back to zero, the others one less; and
@@ -58,14 +61,15 @@ struct Attempt {
     retry_after: Option<i64>,
 }
 
-/// The id of the user named `name_key` when `password` is theirs. Over a limit: 429 before the
-/// password is looked at; a wrong password or unknown name: 401 `invalid_credentials`, in the
-/// same time.
+/// The id of the user named `name_key` when `password` is theirs and `device_id` is one of its
+/// devices. Over a limit: 429 before the password is looked at; a wrong password, an unknown
+/// name or an unknown device: 401 `invalid_credentials`, in the same time.
 pub async fn check(
     state: &AppState,
     name_key: &str,
     password: &Password,
     address: &str,
+    device_id: i32,
 ) -> Result<Uuid, ApiError> {
     let config = &state.config;
     let counters = [
@@ -100,6 +104,7 @@ pub async fn check(
         .bind(config.login_window_seconds as f64)
         .bind(&limits)
         .bind(name_key)
+        .bind(device_id)
         .fetch_one(state.pool())
         .await?;
     if let Some(retry_after) = attempt.retry_after {

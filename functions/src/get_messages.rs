@@ -21,7 +21,9 @@ pub const PAGE_CIPHERTEXT_BUDGET: i64 = 4 * 1024 * 1024;
 pub struct Message {
     pub id: Uuid,
     pub sender_id: Uuid,
+    pub sender_device_id: i32,
     pub recipient_id: Uuid,
+    pub recipient_device_id: i32,
     pub encrypted_data: Vec<u8>,
     pub timestamp: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
@@ -31,20 +33,23 @@ pub struct Message {
 /// cursor, cut where their ciphertext would exceed the response budget. The caller row makes a
 /// deleted account's token 401 rather than an empty page.
 pub const PAGE_SQL: &str = r#"
-WITH caller AS (SELECT id FROM users WHERE id = $1),
+WITH caller AS (SELECT user_id, device_id FROM devices WHERE user_id = $1 AND device_id = $5),
 candidates AS (
-    SELECT m.id, m.sender_id, m.recipient_id, m.encrypted_data, m."timestamp", m.expires_at,
+    SELECT m.id, m.sender_id, m.sender_device_id, m.recipient_id, m.recipient_device_id,
+           m.encrypted_data, m."timestamp", m.expires_at,
            sum(octet_length(m.encrypted_data)) OVER (ORDER BY m.id) AS running_bytes,
            row_number() OVER (ORDER BY m.id) AS position
     FROM messages m
-    WHERE m.recipient_id = (SELECT id FROM caller)
+    WHERE m.recipient_id = (SELECT user_id FROM caller)
+      AND m.recipient_device_id = (SELECT device_id FROM caller)
       AND NOT m.is_delivered
       AND m.expires_at > now()
       AND m.id > $2
     ORDER BY m.id
     LIMIT $3 + 1
 )
-SELECT c.id, c.sender_id, c.recipient_id, c.encrypted_data, c."timestamp", c.expires_at,
+SELECT c.id, c.sender_id, c.sender_device_id, c.recipient_id, c.recipient_device_id,
+       c.encrypted_data, c."timestamp", c.expires_at,
        (SELECT count(*) FROM candidates) AS candidate_count
 FROM caller
 LEFT JOIN candidates c ON c.position <= $3 AND (c.position = 1 OR c.running_bytes <= $4)
@@ -55,7 +60,9 @@ ORDER BY c.id
 struct Row {
     id: Option<Uuid>,
     sender_id: Option<Uuid>,
+    sender_device_id: Option<i32>,
     recipient_id: Option<Uuid>,
+    recipient_device_id: Option<i32>,
     encrypted_data: Option<Vec<u8>>,
     timestamp: Option<DateTime<Utc>>,
     expires_at: Option<DateTime<Utc>>,
@@ -73,13 +80,14 @@ pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
     let rows: Vec<Row> = state
         .db
         .query_as(PAGE_SQL)
-        .bind(caller)
+        .bind(caller.user_id)
         .bind(after)
         .bind(i64::from(limit.get()))
         .bind(PAGE_CIPHERTEXT_BUDGET)
+        .bind(caller.device_id)
         .fetch_all(state.pool())
         .await?;
-    // No row at all: the caller's account is gone.
+    // No row at all: the caller's device (or account) is gone.
     let candidate_count = rows.first().ok_or(ApiError::Unauthorized)?.candidate_count;
     let messages: Vec<Message> = rows
         .into_iter()
@@ -87,7 +95,9 @@ pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
             Some(Message {
                 id: row.id?,
                 sender_id: row.sender_id?,
+                sender_device_id: row.sender_device_id?,
                 recipient_id: row.recipient_id?,
+                recipient_device_id: row.recipient_device_id?,
                 encrypted_data: row.encrypted_data?,
                 timestamp: row.timestamp?,
                 expires_at: row.expires_at?,
@@ -115,8 +125,8 @@ pub fn page_json(messages: &[Message], has_more: bool) -> String {
         // Writing to a String cannot fail.
         let _ = write!(
             out,
-            r#"{{"id":"{}","sender_id":"{}","recipient_id":"{}","encrypted_data":""#,
-            m.id, m.sender_id, m.recipient_id
+            r#"{{"id":"{}","sender_id":"{}","sender_device_id":{},"recipient_id":"{}","recipient_device_id":{},"encrypted_data":""#,
+            m.id, m.sender_id, m.sender_device_id, m.recipient_id, m.recipient_device_id
         );
         encode_ciphertext_into(&m.encrypted_data, &mut out);
         let _ = write!(
@@ -131,9 +141,10 @@ pub fn page_json(messages: &[Message], has_more: bool) -> String {
 }
 
 /// At least the length of the page's JSON, so it is written without reallocating: three UUIDs
-/// (108), two timestamps (60 at most, with nanoseconds), the keys and punctuation (94).
+/// (108), two device ids (20 at most), two timestamps (60 at most, with nanoseconds), the keys
+/// and punctuation (138).
 fn page_capacity(messages: &[Message]) -> usize {
-    const FIXED_PER_MESSAGE: usize = 262;
+    const FIXED_PER_MESSAGE: usize = 326;
     32 + messages
         .iter()
         .map(|m| FIXED_PER_MESSAGE + m.encrypted_data.len().div_ceil(3) * 4)
@@ -156,7 +167,9 @@ mod tests {
         Message {
             id: Uuid::now_v7(),
             sender_id: Uuid::now_v7(),
+            sender_device_id: i32::from(seed) + 1,
             recipient_id: Uuid::now_v7(),
+            recipient_device_id: i32::MAX - i32::from(seed),
             encrypted_data: (0..len).map(|i| (i as u8).wrapping_mul(seed)).collect(),
             timestamp: at,
             expires_at: at + chrono::Duration::days(7),
@@ -172,7 +185,9 @@ mod tests {
                 json!({
                     "id": m.id,
                     "sender_id": m.sender_id,
+                    "sender_device_id": m.sender_device_id,
                     "recipient_id": m.recipient_id,
+                    "recipient_device_id": m.recipient_device_id,
                     "encrypted_data": base64::engine::general_purpose::STANDARD.encode(&m.encrypted_data),
                     "timestamp": m.timestamp,
                     "expires_at": m.expires_at,

@@ -1,4 +1,4 @@
-//! POST /login: name and password for a short-lived access token.
+//! POST /login: name and password (and optionally which device) for a short-lived access token.
 
 use common::AppState;
 use common::domain::{Password, UserName};
@@ -22,9 +22,12 @@ pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
     let body = json_body(&request, crate::MAX_ACCOUNT_BODY_BYTES)?;
     let name = UserName::parse(body.required_str("name")?)?;
     let password = Password::parse(body.required_str("password")?)?;
-    let user_id =
-        credentials::check(state, &name.key(), &password, &client_address(&request)).await?;
-    let token = state.jwt()?.issue(user_id)?;
+    let device_id = body
+        .optional_int("device_id", 1, i64::from(i32::MAX))?
+        .unwrap_or(1) as i32;
+    let address = client_address(&request);
+    let user_id = credentials::check(state, &name.key(), &password, &address, device_id).await?;
+    let token = state.jwt()?.issue(user_id, device_id as u32)?;
     Ok(json_response(
         StatusCode::OK,
         &TokenResponse {

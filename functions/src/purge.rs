@@ -46,13 +46,21 @@ WHERE id = ANY (ARRAY (
 ))
 "#;
 
+/// Ended windows, each bucket by its own window (a counter deleted before its window ends would
+/// reset the limit); and expired link codes, which are few (a handful per account per hour).
 pub const DELETE_RATE_LIMITS_SQL: &str = r#"
+WITH expired_codes AS (DELETE FROM link_codes WHERE expires_at <= now())
 DELETE FROM rate_limits
 WHERE ctid = ANY (ARRAY (
     SELECT ctid FROM rate_limits
     WHERE window_start <= now() - make_interval(
         secs => CASE bucket WHEN 'register_address' THEN $2::float8
-                            WHEN 'send_sender' THEN $4::float8 ELSE $3::float8 END)
+                            WHEN 'send_sender' THEN $4::float8
+                            WHEN 'link_code_account' THEN $5::float8
+                            WHEN 'link_failure_account' THEN $5::float8
+                            WHEN 'prekey_claim_requester' THEN $6::float8
+                            WHEN 'prekey_claim_target' THEN $6::float8
+                            ELSE $3::float8 END)
     LIMIT $1
     FOR UPDATE SKIP LOCKED
 ))
@@ -107,6 +115,8 @@ pub async fn purge(
                 .bind(config.register_window_seconds as f64)
                 .bind(config.login_window_seconds as f64)
                 .bind(config.send_window_seconds as f64)
+                .bind(config.link_window_seconds as f64)
+                .bind(config.prekey_claim_window_seconds as f64)
         } else {
             state.db.query(DELETE_MESSAGES_SQL).bind(batch_size)
         };

@@ -16,17 +16,30 @@ pub enum Bucket {
     LoginAddress,
     /// Registrations from one address (`REGISTER_MAX_PER_ADDRESS`).
     RegisterAddress,
-    /// Messages from one sender (`SEND_MAX_PER_WINDOW`); counted inside `send_message()`.
+    /// Messages from one sender (`SEND_MAX_PER_WINDOW`); counted inside `send_envelopes()`.
     SendSender,
+    /// Link codes one account created (`LINK_CODES_MAX_PER_WINDOW`), keyed by user id.
+    LinkCodeAccount,
+    /// Wrong link codes for one account (`LINK_MAX_FAILURES`), keyed by user id.
+    LinkFailureAccount,
+    /// Devices' prekeys one requester claimed (`PREKEY_CLAIMS_PER_WINDOW`), keyed by user id.
+    PrekeyClaimRequester,
+    /// One-time prekeys of one device handed out (`PREKEY_CLAIMS_PER_TARGET`), keyed by
+    /// `user id/device id`.
+    PrekeyClaimTarget,
 }
 
 impl Bucket {
-    pub const ALL: [Bucket; 5] = [
+    pub const ALL: [Bucket; 9] = [
         Self::LoginNameAddress,
         Self::LoginName,
         Self::LoginAddress,
         Self::RegisterAddress,
         Self::SendSender,
+        Self::LinkCodeAccount,
+        Self::LinkFailureAccount,
+        Self::PrekeyClaimRequester,
+        Self::PrekeyClaimTarget,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -36,6 +49,10 @@ impl Bucket {
             Self::LoginAddress => "login_address",
             Self::RegisterAddress => "register_address",
             Self::SendSender => "send_sender",
+            Self::LinkCodeAccount => "link_code_account",
+            Self::LinkFailureAccount => "link_failure_account",
+            Self::PrekeyClaimRequester => "prekey_claim_requester",
+            Self::PrekeyClaimTarget => "prekey_claim_target",
         }
     }
 }

@@ -49,6 +49,17 @@ routes! {
     "confirm-delivery" => confirm_delivery::handler: PUT "/messages/{id}/delivered";
     "confirm-deliveries" => confirm_deliveries::handler: POST "/messages/delivered";
     "metrics" => metrics::handler: GET "/metrics";
+    "create-link-code" => create_link_code::handler: POST "/devices/link-codes";
+    "link-device" => link_device::handler: POST "/devices";
+    "my-devices" => my_devices::handler: GET "/me/devices";
+    "user-devices" => user_devices::handler: GET "/users/{user_id}/devices";
+    "remove-device" => remove_device::handler: DELETE "/devices/{device_id}";
+    "send-to-devices" => send_to_devices::handler: POST "/messages/devices";
+    "set-signing-key" => set_signing_key::handler: PUT "/keys/signing-key";
+    "upload-prekeys" => upload_prekeys::handler: POST "/keys/prekeys";
+    "prekey-count" => prekey_count::handler: GET "/keys/prekeys/count";
+    "get-keys" => get_keys::handler: GET "/keys/{user_id}";
+    "claim-prekeys" => claim_prekeys::handler: POST "/keys/claim";
 }
 
 /// A matched route: its template, function and path parameters.

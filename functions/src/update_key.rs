@@ -1,32 +1,141 @@
-//! PUT /update-key: replace the caller's public key.
+//! PUT /update-key: re-key the token's device (device 1's key is the account's, which `GET /me`,
+//! `GET /public-key` and `GET /users` show). The device's signing key, prekeys and last-resort
+//! key go with the old key, unless a `binding_sig` by the current signing key binds the new key
+//! to it.
 
+use chrono::{DateTime, Utc};
 use common::domain::PublicKeyPem;
-use common::http::{authenticate, json_body};
+use common::http::{Caller, authenticate, json_body};
 use common::response::json_response;
 use common::runtime::HandlerResult;
 use common::{ApiError, AppState};
 use lambda_http::Request;
 use lambda_http::http::StatusCode;
+use uuid::Uuid;
 
+use crate::signatures::{Context, Signature, SigningKey, signed_message};
 use crate::users::Profile;
 
+/// The device's current signing key, for a request with a `binding_sig`.
+pub const SIGNING_KEY_SQL: &str =
+    "SELECT signing_key FROM devices WHERE user_id = $1 AND device_id = $2";
+
+/// The new key (`$3`) for device `$2`: with a binding signature (`$4`) made under signing key
+/// `$5` (still the device's, or nothing changes), the signing key and prekeys stay; without one
+/// they are dropped. Device 1's key is the account's too. `device_exists` (the statement's
+/// snapshot) tells a removed device (401) from a signing key changed meanwhile.
 pub const UPDATE_SQL: &str = r#"
-UPDATE users SET public_key = $2, key_updated_at = now()
-WHERE id = $1
-RETURNING id, name, public_key, created_at, key_updated_at
+WITH device AS (
+    UPDATE devices SET public_key = $3, key_updated_at = now(),
+        signing_key       = CASE WHEN $4::bytea IS NULL THEN NULL ELSE signing_key END,
+        binding_sig       = $4::bytea,
+        signing_key_reset = CASE WHEN $4::bytea IS NULL THEN false ELSE signing_key_reset END,
+        prekey_high_water = CASE WHEN $4::bytea IS NULL THEN NULL ELSE prekey_high_water END
+    WHERE user_id = $1 AND device_id = $2 AND ($4::bytea IS NULL OR signing_key = $5)
+    RETURNING user_id, device_id, public_key, key_updated_at
+), dropped AS (
+    DELETE FROM prekeys p USING device d
+    WHERE $4::bytea IS NULL AND p.user_id = d.user_id AND p.device_id = d.device_id
+), account AS (
+    UPDATE users u SET public_key = d.public_key, key_updated_at = d.key_updated_at
+    FROM device d WHERE u.id = d.user_id AND d.device_id = 1
+)
+SELECT EXISTS (SELECT 1 FROM devices WHERE user_id = $1 AND device_id = $2) AS device_exists,
+       u.id, u.name, d.public_key, u.created_at, d.key_updated_at
+FROM (SELECT 1) AS one
+LEFT JOIN device d ON true
+LEFT JOIN users u ON u.id = d.user_id
 "#;
+
+#[derive(sqlx::FromRow)]
+struct Updated {
+    device_exists: bool,
+    id: Option<Uuid>,
+    name: Option<String>,
+    public_key: Option<String>,
+    created_at: Option<DateTime<Utc>>,
+    key_updated_at: Option<DateTime<Utc>>,
+}
+
+impl Updated {
+    fn profile(self) -> Option<Profile> {
+        Some(Profile {
+            id: self.id?,
+            name: self.name?,
+            public_key: self.public_key?,
+            created_at: self.created_at?,
+            key_updated_at: self.key_updated_at?,
+        })
+    }
+}
 
 pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
     let caller = authenticate(&request, state.jwt()?)?;
     let body = json_body(&request, crate::MAX_ACCOUNT_BODY_BYTES)?;
     let public_key = PublicKeyPem::parse(body.required_str("public_key")?)?;
-    let profile: Option<Profile> = state
+    let binding = match body.optional_str("binding_sig")? {
+        Some(raw) => Some(Signature::parse("binding_sig", raw)?),
+        None => None,
+    };
+    let signing_key = match &binding {
+        Some(signature) => Some(binding_signing_key(state, caller, &public_key, signature).await?),
+        None => None,
+    };
+    let updated: Updated = state
         .db
         .query_as(UPDATE_SQL)
-        .bind(caller)
+        .bind(caller.user_id)
+        .bind(caller.device_id)
         .bind(public_key.as_str())
+        .bind(binding.map(|s| s.0.to_vec()))
+        .bind(signing_key)
+        .fetch_one(state.pool())
+        .await?;
+    match (updated.device_exists, updated.profile()) {
+        (_, Some(profile)) => Ok(json_response(StatusCode::OK, &profile)),
+        (false, None) => Err(ApiError::Unauthorized),
+        // The signing key changed between the check and the update: the signature no longer
+        // binds to the device's key.
+        (true, None) => Err(ApiError::InvalidSignature {
+            field: "binding_sig",
+        }),
+    }
+}
+
+/// The device's signing key (as stored) when `signature` binds `public_key` to it; otherwise
+/// 422 `invalid_signature`, or 401 for a removed device.
+async fn binding_signing_key(
+    state: &AppState,
+    caller: Caller,
+    public_key: &PublicKeyPem,
+    signature: &Signature,
+) -> Result<String, ApiError> {
+    let invalid = ApiError::InvalidSignature {
+        field: "binding_sig",
+    };
+    let current: Option<Option<String>> = state
+        .db
+        .query_scalar(SIGNING_KEY_SQL)
+        .bind(caller.user_id)
+        .bind(caller.device_id)
         .fetch_optional(state.pool())
         .await?;
-    let profile = profile.ok_or(ApiError::Unauthorized)?;
-    Ok(json_response(StatusCode::OK, &profile))
+    let stored = current.ok_or(ApiError::Unauthorized)?.ok_or(invalid)?;
+    let signing_key = SigningKey::parse("signing_key", &stored).map_err(ApiError::internal)?;
+    let x25519 = public_key.x25519().ok_or(ApiError::InvalidSignature {
+        field: "binding_sig",
+    })?;
+    let message = signed_message(
+        Context::Bind,
+        caller.user_id,
+        caller.device_id,
+        &[&x25519, signing_key.raw()],
+    );
+    if signing_key.verifies(&message, signature) {
+        Ok(stored)
+    } else {
+        Err(ApiError::InvalidSignature {
+            field: "binding_sig",
+        })
+    }
 }

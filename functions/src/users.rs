@@ -2,6 +2,7 @@
 //! GET /public-key/{user_id} and GET /users?name=.
 
 use chrono::{DateTime, Utc};
+use common::http::Caller;
 use common::response::json_response;
 use common::runtime::HandlerResult;
 use common::{ApiError, AppState};
@@ -34,7 +35,8 @@ pub struct PublicKeyEntry {
 macro_rules! directory_sql {
     ($condition:literal) => {
         concat!(
-            "SELECT EXISTS (SELECT 1 FROM users WHERE id = $1) AS caller_exists, ",
+            "SELECT EXISTS (SELECT 1 FROM devices WHERE user_id = $1 AND device_id = $3) ",
+            "AS caller_exists, ",
             "u.id AS user_id, u.name, u.public_key, u.key_updated_at ",
             "FROM (SELECT 1) AS one LEFT JOIN users u ON ",
             $condition
@@ -57,7 +59,7 @@ struct Found {
 pub async fn directory_entry<'q, K>(
     state: &AppState,
     sql: &'static str,
-    caller: Uuid,
+    caller: Caller,
     key: K,
 ) -> HandlerResult
 where
@@ -66,8 +68,9 @@ where
     let found: Found = state
         .db
         .query_as(sql)
-        .bind(caller)
+        .bind(caller.user_id)
         .bind(key)
+        .bind(caller.device_id)
         .fetch_one(state.pool())
         .await?;
     if !found.caller_exists {

@@ -127,6 +127,35 @@ def contract_authenticated() -> set[tuple[str, str]]:
     return {key for key, section in contract_sections().items() if "(auth)" in section.splitlines()[0]}
 
 
+def first_object(text: str) -> str:
+    """The first balanced `{...}` of the text (nested objects and arrays included)."""
+    start = text.index("{")
+    depth = 0
+    for i, ch in enumerate(text[start:], start):
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        if depth == 0:
+            return text[start:i + 1]
+    raise ValueError(f"unbalanced braces in {text[:80]!r}")
+
+
+def top_level(body: str) -> str:
+    """The object's text with everything nested inside it (objects, arrays) left out, so only its
+    own keys remain: `{"a", "b": [{"c"}]}` gives `{"a", "b": }`."""
+    out, depth = [], 0
+    for ch in body:
+        if ch in "[{":
+            depth += 1
+            if depth == 1:
+                out.append(ch)
+        elif ch in "]}":
+            depth -= 1
+            if depth == 0:
+                out.append(ch)
+        elif depth == 1:
+            out.append(ch)
+    return "".join(out)
+
+
 class OpenApiIsValid(unittest.TestCase):
     def test_validates_as_openapi_3_1(self):
         from openapi_spec_validator import OpenAPIV31SpecValidator, validate
@@ -350,8 +379,7 @@ class ResponsesAndFields(unittest.TestCase):
             schema = resolve(content["application/json"]["schema"])
             section = sections[(method, normalise(path))]
             arrow = section.split("→", 1)[-1] if "→" in section else section
-            first_body = re.search(r"\{[^{}]*(\[\{[^{}]*\}\][^{}]*)?\}", arrow).group(0)
-            outer = first_body.split("[", 1)[0] + first_body.split("]", 1)[-1]
+            outer = top_level(first_object(arrow))
             listed = set(re.findall(r'[{,]\s*"([a-z_]+)"', outer))  # keys, not values like "ok"
             with self.subTest(operation=f"{method} {path}"):
                 self.assertEqual(set(schema["properties"]), listed)

@@ -33,13 +33,18 @@ EXPECTED_BINARIES = {
     "register", "login", "me", "get-public-key", "update-key", "lookup-user", "health",
     "send-message", "get-messages", "confirm-delivery", "confirm-deliveries", "delete-account",
     "metrics", "not-found", "purge", "migrate",
+    # Devices and prekeys (API.md "Devices", "Prekeys").
+    "create-link-code", "link-device", "my-devices", "user-devices", "remove-device",
+    "send-to-devices", "set-signing-key", "upload-prekeys", "prekey-count", "get-keys",
+    "claim-prekeys",
 }
 # The one-shot operator function (infra/README.md step 3): no route, no trigger, no IAM
 # database access (it logs in once as the master user, with the password in its payload).
 SETUP_FUNCTION = "setup-roles"
 EXPECTED_BINARIES = EXPECTED_BINARIES | {SETUP_FUNCTION}
 NO_DATABASE = {"not-found"}
-BCRYPT_FUNCTIONS = {"register", "login", "delete-account"}
+# The functions that check a password (bcrypt), sized for it.
+BCRYPT_FUNCTIONS = {"register", "login", "delete-account", "link-device", "remove-device", "set-signing-key"}
 
 # Variables the shared Config reads beyond API.md's table (AWS_REGION is set by Lambda).
 CONFIG_EXTENSIONS = {

@@ -39,7 +39,7 @@ SAM_MANAGED = [
     "arn:aws:iam::aws:policy/service-role/AWSLambdaVPCAccessExecutionRole",
 ]
 # Functions that neither issue nor verify tokens: no JWT_SECRET (issue 9 / 15).
-NO_JWT = {"register", "health", "metrics", "not-found", "purge", "migrate", SETUP_FUNCTION}
+NO_JWT = {"register", "link-device", "health", "metrics", "not-found", "purge", "migrate", SETUP_FUNCTION}
 README = REPO / "infra" / "README.md"
 MAKEFILE = REPO / "Makefile"
 SCRIPTS = REPO / "scripts"

@@ -7,9 +7,12 @@
 
 mod abuse;
 mod accounts;
+mod devices;
+mod fan_out;
 mod faults;
 mod guarantees;
 mod messaging;
 mod operations;
+mod prekeys;
 mod queries;
 mod support;

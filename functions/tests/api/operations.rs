@@ -124,7 +124,7 @@ async fn database_down_is_503_quickly() {
         .state
         .jwt()
         .unwrap()
-        .issue(uuid::Uuid::now_v7())
+        .issue(uuid::Uuid::now_v7(), 1)
         .unwrap()
         .access_token;
     let calls = [
@@ -363,7 +363,7 @@ async fn metrics_estimate_large_tables(pool: PgPool) {
 async fn seed_messages(pool: &PgPool, expired: i64, live: i64) -> (uuid::Uuid, uuid::Uuid) {
     let a = uuid::Uuid::now_v7();
     let b = uuid::Uuid::now_v7();
-    sqlx::query("INSERT INTO users (id, name, hashed_password, public_key) VALUES ($1, 'seed-a', '$2b$04$x', '-----BEGIN PUBLIC KEY-----x'), ($2, 'seed-b', '$2b$04$x', '-----BEGIN PUBLIC KEY-----x')")
+    sqlx::query("INSERT INTO users (id, name, hashed_password, public_key) VALUES ($1, 'seed-a', '$2b$04$x', '-----BEGIN PUBLIC KEY-----MCowBQYDK2VuAyEAhSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=-----END PUBLIC KEY-----'), ($2, 'seed-b', '$2b$04$x', '-----BEGIN PUBLIC KEY-----MCowBQYDK2VuAyEAhSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=-----END PUBLIC KEY-----')")
         .bind(a)
         .bind(b)
         .execute(pool)

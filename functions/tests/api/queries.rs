@@ -100,7 +100,7 @@ async fn each_query_uses_its_index_on_a_million_messages(pool: PgPool) {
     let users: Vec<uuid::Uuid> = (0..100).map(|_| uuid::Uuid::now_v7()).collect();
     sqlx::query(
         "INSERT INTO users (id, name, hashed_password, public_key)
-         SELECT id, 'user' || n, '$2b$04$x', '-----BEGIN PUBLIC KEY-----x'
+         SELECT id, 'user' || n, '$2b$04$x', '-----BEGIN PUBLIC KEY-----MCowBQYDK2VuAyEAhSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=-----END PUBLIC KEY-----'
          FROM UNNEST($1::uuid[]) WITH ORDINALITY AS t(id, n)",
     )
     .bind(&users)
@@ -133,10 +133,11 @@ async fn each_query_uses_its_index_on_a_million_messages(pool: PgPool) {
             .bind(uuid::Uuid::nil())
             .bind(100i64)
             .bind(4_194_304i64)
+            .bind(1i32)
     })
     .await;
     assert!(
-        fetch.contains("messages_pending_by_recipient"),
+        fetch.contains("messages_pending_by_device"),
         "fetch plan:\n{fetch}"
     );
     assert!(
@@ -147,6 +148,7 @@ async fn each_query_uses_its_index_on_a_million_messages(pool: PgPool) {
     let confirm = plan(&pool, functions::confirm_deliveries::CONFIRM_SQL, |q| {
         q.bind(recipient)
             .bind(vec![uuid::Uuid::now_v7(), uuid::Uuid::now_v7()])
+            .bind(1i32)
     })
     .await;
     assert!(
@@ -172,7 +174,7 @@ async fn each_query_uses_its_index_on_a_million_messages(pool: PgPool) {
     );
     // Names are found by their locale-free key, on the unique index of that key.
     let lookup = plan_with(&pool, functions::lookup_user::SQL, true, |q| {
-        q.bind(recipient).bind("user7")
+        q.bind(recipient).bind("user7").bind(1i32)
     })
     .await;
     assert!(lookup.contains("users_name_key"), "lookup plan:\n{lookup}");
@@ -182,6 +184,7 @@ async fn each_query_uses_its_index_on_a_million_messages(pool: PgPool) {
             .bind(900f64)
             .bind(vec![5i32])
             .bind("user7")
+            .bind(1i32)
     })
     .await;
     assert!(login.contains("users_name_key"), "login plan:\n{login}");
