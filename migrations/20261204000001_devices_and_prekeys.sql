@@ -5,14 +5,10 @@
 -- by an old `register` gets one too), an old `update-key` still keeps device 1 in step, and the old
 -- `send_message(...)` signature stays as a wrapper of the new send. The indexes on `messages` are
 -- built CONCURRENTLY by the migrations after this one (each its own file: CONCURRENTLY cannot run
--- in a transaction), so no write to `messages` waits for an index build.
-
--- The device counter: ids are never reused within an account (next_device_id only grows), and
--- device_count is the limit's count. Both are changed only with the users row locked, so the
--- limit and the id are decided by one row lock however many links race.
-ALTER TABLE users
-    ADD COLUMN next_device_id integer NOT NULL DEFAULT 2 CHECK (next_device_id >= 2),
-    ADD COLUMN device_count   integer NOT NULL DEFAULT 1 CHECK (device_count >= 1);
+-- in a transaction), so no write to `messages` waits for an index build. The statements are in
+-- the order that holds the strongest locks for the least time (all are held to the commit):
+-- writes to `users` wait from the first foreign key to it (SHARE ROW EXCLUSIVE) through the
+-- backfill; `messages` is altered last (ACCESS EXCLUSIVE, a catalogue change only).
 
 -- Each device's own key and mailbox. key_fingerprint is ENVELOPE.md's fingerprint (SHA-256 of
 -- the SPKI DER, the PEM's base64 body) computed by the database, so it can never disagree with
@@ -74,6 +70,17 @@ CREATE TRIGGER users_sync_device_one AFTER UPDATE OF public_key ON users
     FOR EACH ROW WHEN (OLD.public_key IS DISTINCT FROM NEW.public_key)
     EXECUTE FUNCTION users_sync_device_one();
 
+-- The device counter: ids are never reused within an account (next_device_id only grows), and
+-- device_count is the limit's count. Both are changed only with the users row locked, so the
+-- limit and the id are decided by one row lock however many links race.
+-- The checks are NOT VALID here (validating scans the table under this lock) and validated by
+-- a later migration, which blocks no reads or writes.
+ALTER TABLE users
+    ADD COLUMN next_device_id integer NOT NULL DEFAULT 2,
+    ADD COLUMN device_count   integer NOT NULL DEFAULT 1,
+    ADD CONSTRAINT users_next_device_id_check CHECK (next_device_id >= 2) NOT VALID,
+    ADD CONSTRAINT users_device_count_check CHECK (device_count >= 1) NOT VALID;
+
 -- Link codes, kept only as SHA-256 of the normalised code. Keyed by the account first (the new
 -- device names the account, and the password is checked before the code), so it shards by user.
 CREATE TABLE link_codes (
@@ -100,14 +107,6 @@ CREATE TABLE prekeys (
     FOREIGN KEY (user_id, device_id) REFERENCES devices (user_id, device_id) ON DELETE CASCADE
 );
 CREATE UNIQUE INDEX prekeys_one_last_resort ON prekeys (user_id, device_id) WHERE last_resort;
-
--- Every message is for one device; the sender's device is recorded for the recipient (it names
--- the key that sealed the message). Constant defaults: no rewrite of the table. No foreign key
--- to devices: removing a device erases its undelivered mail explicitly (on the pending index),
--- and the account's cascade still erases everything.
-ALTER TABLE messages
-    ADD COLUMN recipient_device_id integer NOT NULL DEFAULT 1 CHECK (recipient_device_id >= 1),
-    ADD COLUMN sender_device_id    integer NOT NULL DEFAULT 1 CHECK (sender_device_id >= 1);
 
 -- Limits of devices and prekeys, counted like the others.
 ALTER TABLE rate_limits DROP CONSTRAINT rate_limits_bucket_check;
@@ -718,3 +717,71 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- Every message is for one device; the sender's device is recorded for the recipient (it names
+-- the key that sealed the message). Constant defaults: no rewrite of the table. No foreign key
+-- to devices: removing a device erases its undelivered mail explicitly (on the pending index),
+-- and the account's cascade still erases everything.
+-- PUT /update-key: the token's device gets a new key. With a binding signature (p_binding) made
+-- under signing key p_signing_key, which must still be the device's, the signing key and prekeys
+-- stay; without one they go. The device row is locked first and the prekeys deleted in a
+-- statement of their own, so an upload that committed while this waited for the lock is deleted
+-- too (one statement's snapshot would predate it). Device 1's key is the account's as well.
+-- outcome: updated | no_device | signing_key_changed.
+CREATE FUNCTION rekey_device(
+    p_user uuid,
+    p_device integer,
+    p_public_key text,
+    p_binding bytea,
+    p_signing_key text
+) RETURNS TABLE (
+    outcome text,
+    id uuid,
+    name text,
+    public_key text,
+    created_at timestamptz,
+    key_updated_at timestamptz
+)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_signing_key text;
+BEGIN
+    SELECT d.signing_key INTO v_signing_key FROM devices d
+    WHERE d.user_id = p_user AND d.device_id = p_device FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'no_device', NULL::uuid, NULL::text, NULL::text, NULL::timestamptz,
+            NULL::timestamptz;
+        RETURN;
+    END IF;
+    IF p_binding IS NOT NULL AND v_signing_key IS DISTINCT FROM p_signing_key THEN
+        RETURN QUERY SELECT 'signing_key_changed', NULL::uuid, NULL::text, NULL::text,
+            NULL::timestamptz, NULL::timestamptz;
+        RETURN;
+    END IF;
+    UPDATE devices d SET public_key = p_public_key, key_updated_at = now(),
+        signing_key       = CASE WHEN p_binding IS NULL THEN NULL ELSE d.signing_key END,
+        binding_sig       = p_binding,
+        signing_key_reset = CASE WHEN p_binding IS NULL THEN false ELSE d.signing_key_reset END,
+        prekey_high_water = CASE WHEN p_binding IS NULL THEN NULL ELSE d.prekey_high_water END
+    WHERE d.user_id = p_user AND d.device_id = p_device;
+    IF p_binding IS NULL THEN
+        DELETE FROM prekeys p WHERE p.user_id = p_user AND p.device_id = p_device;
+    END IF;
+    IF p_device = 1 THEN
+        UPDATE users u SET public_key = p_public_key, key_updated_at = now() WHERE u.id = p_user;
+    END IF;
+    RETURN QUERY
+    SELECT 'updated', u.id, u.name, d.public_key, u.created_at, d.key_updated_at
+    FROM devices d JOIN users u ON u.id = d.user_id
+    WHERE d.user_id = p_user AND d.device_id = p_device;
+END
+$$;
+
+-- Checks NOT VALID, as for users above: validating 1,000,000 rows here held ACCESS EXCLUSIVE
+-- for 271 ms; migrations/20261204000006 validates them without blocking.
+ALTER TABLE messages
+    ADD COLUMN recipient_device_id integer NOT NULL DEFAULT 1,
+    ADD COLUMN sender_device_id    integer NOT NULL DEFAULT 1,
+    ADD CONSTRAINT messages_recipient_device_id_check CHECK (recipient_device_id >= 1) NOT VALID,
+    ADD CONSTRAINT messages_sender_device_id_check CHECK (sender_device_id >= 1) NOT VALID;

@@ -166,6 +166,65 @@ call POST /login 429 "{\"name\":\"bob$run\",\"password\":\"bob-password\"}"
 expect "429 carries Retry-After" grep -qi '^retry-after: [0-9]' "$work/headers"
 call POST /login 200 "{\"name\":\"alice$run\",\"password\":\"alice-password\"}"
 
+# Devices and prekeys through the real binaries. Dave's device 1 shows a link code; his laptop
+# joins with it and his password, logs in as device 2; alice seals one envelope per device, to the
+# fingerprints the directory gives. OpenSSL, an implementation of its own, signs the laptop's
+# signing key and prekey over the contract's byte layout; alice claims the prekey once.
+hex_bytes() { printf "$(sed 's/../\\x&/g' <<<"$1")"; }
+raw_key() { openssl pkey -pubin -in "$1" -outform DER | tail -c 32; }
+sign_file() { openssl pkeyutl -sign -inkey "$1" -rawin -in "$2" | base64 -w0; }
+openssl genpkey -algorithm X25519 -out "$work/laptop.key" 2>/dev/null
+openssl pkey -in "$work/laptop.key" -pubout -out "$work/laptop.pub"
+openssl genpkey -algorithm ED25519 -out "$work/signing.key" 2>/dev/null
+openssl pkey -in "$work/signing.key" -pubout -out "$work/signing.pub"
+openssl genpkey -algorithm X25519 -out "$work/prekey.key" 2>/dev/null
+openssl pkey -in "$work/prekey.key" -pubout -out "$work/prekey.pub"
+key_x=$(jq -Rs . < testdata/keys/x25519.pem)
+call POST /register 201 "{\"name\":\"dave$run\",\"password\":\"dave-password\",\"public_key\":$key_x}"
+dave=$(jq -r .id <<<"$body")
+call POST /login 200 "{\"name\":\"dave$run\",\"password\":\"dave-password\"}"
+dave_token=$(jq -r .access_token <<<"$body")
+call POST /devices/link-codes 201 "" "$dave_token"
+code=$(jq -r .code <<<"$body")
+expect "a 12-character Crockford code" grep -qE '^[0-9A-HJKMNP-TV-Z]{12}$' <<<"$code"
+laptop="{\"name\":\"dave$run\",\"password\":\"dave-password\",\"label\":\"laptop\",\"public_key\":$(jq -Rs . < "$work/laptop.pub")"
+call POST /devices 403 "$laptop,\"link_code\":\"0000-0000-0000\"}"
+call POST /devices 201 "$laptop,\"link_code\":\"$(tr 'A-Z' 'a-z' <<<"${code:0:4}-${code:4:4}-${code:8}")\"}"
+expect "the laptop is device 2" [ "$(jq -r .device_id <<<"$body")" = 2 ]
+call POST /devices 403 "$laptop,\"link_code\":\"$code\"}"
+call POST /login 200 "{\"name\":\"dave$run\",\"password\":\"dave-password\",\"device_id\":2}"
+laptop_token=$(jq -r .access_token <<<"$body")
+call GET /me/devices 200 "" "$laptop_token"
+expect "the laptop is the current device" [ "$(jq -c '[.devices[] | select(.current) | .device_id]' <<<"$body")" = "[2]" ]
+call GET "/users/$dave/devices" 200 "" "$alice_token"
+envelopes=$(jq -c --arg data "$ciphertext" '[.devices[] | {device_id, key_fingerprint, encrypted_data: $data}]' <<<"$body")
+call POST /messages/devices 409 "{\"recipient_id\":\"$dave\",\"envelopes\":$(jq -c '.[:1]' <<<"$envelopes")}" "$alice_token"
+expect "devices_changed names the missing device" [ "$(jq -c .missing <<<"$body")" = "[2]" ]
+call POST /messages/devices 201 "{\"recipient_id\":\"$dave\",\"envelopes\":$envelopes}" "$alice_token"
+expect "one message per device" [ "$(jq '.messages | length' <<<"$body")" = 2 ]
+call GET /messages 200 "" "$laptop_token"
+expect "the laptop reads its own envelope" [ "$(jq -c '[.messages[] | .recipient_device_id]' <<<"$body")" = "[2]" ]
+
+{ printf 'sm-bind\0'; hex_bytes "$(tr -d '-' <<<"$dave")"; hex_bytes 00000002; raw_key "$work/laptop.pub"; raw_key "$work/signing.pub"; } > "$work/bind"
+call PUT /keys/signing-key 200 "{\"signing_key\":$(jq -Rs . < "$work/signing.pub"),\"binding_sig\":\"$(sign_file "$work/signing.key" "$work/bind")\"}" "$laptop_token"
+{ printf 'sm-prekey\0'; hex_bytes "$(tr -d '-' <<<"$dave")"; hex_bytes 00000002; hex_bytes 00000007; raw_key "$work/prekey.pub"; } > "$work/prekey"
+prekey="{\"key_id\":7,\"public_key\":\"$(raw_key "$work/prekey.pub" | base64 -w0)\",\"signature\":\"$(sign_file "$work/signing.key" "$work/prekey")\"}"
+call POST /keys/prekeys 422 "{\"prekeys\":[$(jq -c '.key_id = 8' <<<"$prekey")]}" "$laptop_token"
+expect "a signature over another key id is invalid_signature" [ "$(jq -r .error <<<"$body")" = invalid_signature ]
+call POST /keys/prekeys 200 "{\"prekeys\":[$prekey]}" "$laptop_token"
+expect "one prekey available" [ "$(jq -c . <<<"$body")" = '{"available":1,"lowest_key_id":7}' ]
+call GET "/keys/$dave" 200 "" "$alice_token"
+expect "the directory shows the laptop's signing key" [ "$(jq -r '.devices[1].signing_key' <<<"$body")" = "$(cat "$work/signing.pub")" ]
+call POST /keys/claim 200 "{\"user_id\":\"$dave\",\"device_ids\":[2]}" "$alice_token"
+expect "the claim hands out prekey 7" [ "$(jq -c '.devices[0].prekey | [.key_id, .last_resort]' <<<"$body")" = "[7,false]" ]
+call POST /keys/claim 200 "{\"user_id\":\"$dave\",\"device_ids\":[2]}" "$alice_token"
+expect "a one-time prekey is handed out once" [ "$(jq -c '.devices[0].prekey' <<<"$body")" = null ]
+call GET /keys/prekeys/count 200 "" "$laptop_token"
+expect "none left" [ "$(jq -r .available <<<"$body")" = 0 ]
+call DELETE /devices/2 204 '{"password":"dave-password"}' "$dave_token"
+call GET /messages 401 "" "$laptop_token"
+call DELETE /devices/1 403 '{"password":"dave-password"}' "$dave_token"
+
 # Races through the emulator, 8 instances per function. 12 wrong passwords at once for one name
 # from one address: at most LOGIN_MAX_FAILURES (5) are checked, the rest are 429.
 call POST /register 201 "{\"name\":\"racer$run\",\"password\":\"racer-password\",\"public_key\":$key_a}"
@@ -223,6 +282,7 @@ expect "purge runs to completion: $purge" [ "$(jq -r .complete <<<"$purge")" = t
 
 # The logs of the whole exchange hold no password, token or ciphertext.
 for secret in alice-password bob-password carol-password racer-password wrong-password \
+    dave-password "$code" "$dave_token" "$laptop_token" \
     "$alice_token" "$bob_token" "$carol_token" "$ciphertext" "$second" e2e-metrics-token; do
     expect "logs do not contain a secret" bash -c '! grep -qF -- "$1" "$2"' _ "$secret" "$log"
 done

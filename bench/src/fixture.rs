@@ -25,8 +25,7 @@ pub(crate) const INBOX: usize = 10;
 pub(crate) const BIG_CIPHERTEXT_BYTES: usize = 60 * 1024;
 pub(crate) const PAGE_LIMIT: i64 = 100;
 /// `me.rs` and `health.rs` keep their SQL inline; these are copies of it.
-pub(crate) const ME_SQL: &str =
-    "SELECT id, name, public_key, created_at, key_updated_at FROM users WHERE id = $1";
+pub(crate) const ME_SQL: &str = functions::me::SQL;
 pub(crate) const READY_SQL: &str = "SELECT 1";
 
 /// A unique client address per call, so registration's per-address limit never trips.

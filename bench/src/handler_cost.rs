@@ -132,11 +132,12 @@ pub(crate) fn cases(fx: &Fixture) -> Vec<Case> {
 
 /// The statement(s) the handler runs, bare, with the same binds. None when there are none.
 pub(crate) async fn run_sql(sql: Sql, state: &AppState, fx: &Fixture) -> Option<()> {
-    let (db, pool, config) = (&state.db, state.pool(), &state.config);
+    let (db, pool) = (&state.db, state.pool());
     let result = match sql {
         Sql::Me => db
             .query(ME_SQL)
             .bind(fx.alice)
+            .bind(1i32)
             .fetch_optional(pool)
             .await
             .map(drop),
@@ -144,6 +145,7 @@ pub(crate) async fn run_sql(sql: Sql, state: &AppState, fx: &Fixture) -> Option<
             .query(functions::get_public_key::SQL)
             .bind(fx.alice)
             .bind(fx.bob)
+            .bind(1i32)
             .fetch_one(pool)
             .await
             .map(drop),
@@ -151,13 +153,17 @@ pub(crate) async fn run_sql(sql: Sql, state: &AppState, fx: &Fixture) -> Option<
             .query(functions::lookup_user::SQL)
             .bind(fx.alice)
             .bind(fx.bob_name.as_str())
+            .bind(1i32)
             .fetch_one(pool)
             .await
             .map(drop),
         Sql::UpdateKey => db
             .query(functions::update_key::UPDATE_SQL)
             .bind(fx.alice)
+            .bind(1i32)
             .bind(fx.pem.as_str())
+            .bind(None::<Vec<u8>>)
+            .bind(None::<&str>)
             .fetch_optional(pool)
             .await
             .map(drop),
@@ -166,21 +172,28 @@ pub(crate) async fn run_sql(sql: Sql, state: &AppState, fx: &Fixture) -> Option<
                 Sql::SendBig => &fx.big_ciphertext,
                 _ => &fx.ciphertext,
             };
-            db.query(functions::send_message::SEND_SQL)
-                .bind(Uuid::now_v7())
-                .bind(fx.alice)
-                .bind(fx.carol)
-                .bind(ciphertext.as_slice())
-                .bind(config.message_ttl_seconds as f64)
-                .bind(None::<&str>)
-                .bind(None::<Vec<u8>>)
-                .bind(config.send_max_per_window as i32)
-                .bind(config.send_window_seconds as f64)
-                .bind(config.max_pending_per_recipient as i32)
-                .bind(config.max_pending_bytes_per_recipient as i64)
-                .fetch_one(pool)
-                .await
-                .map(drop)
+            // The handler's own call of send_envelopes(), without the request around it.
+            let envelope = functions::send_message::Envelope {
+                device_id: 1,
+                key_fingerprint: None,
+                ciphertext: ciphertext.clone(),
+            };
+            let sender = common::http::Caller {
+                user_id: fx.alice,
+                device_id: 1,
+            };
+            functions::send_message::send(
+                state,
+                sender,
+                fx.carol,
+                false,
+                vec![envelope],
+                None,
+                None,
+            )
+            .await
+            .map(drop)
+            .map_err(|e| sqlx::Error::Protocol(e.to_string()))
         }
         Sql::Page => db
             .query(functions::get_messages::PAGE_SQL)
@@ -188,6 +201,7 @@ pub(crate) async fn run_sql(sql: Sql, state: &AppState, fx: &Fixture) -> Option<
             .bind(Uuid::nil())
             .bind(PAGE_LIMIT)
             .bind(functions::get_messages::PAGE_CIPHERTEXT_BUDGET)
+            .bind(1i32)
             .fetch_all(pool)
             .await
             .map(drop),
@@ -195,6 +209,7 @@ pub(crate) async fn run_sql(sql: Sql, state: &AppState, fx: &Fixture) -> Option<
             .query(functions::confirm_deliveries::CONFIRM_SQL)
             .bind(fx.alice)
             .bind([fx.confirmed_id])
+            .bind(1i32)
             .fetch_one(pool)
             .await
             .map(drop),

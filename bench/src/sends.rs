@@ -26,29 +26,21 @@ RETURNING id, sender_id, recipient_id, "timestamp", expires_at
 "#;
 
 async fn send_now(state: &AppState, from: Uuid, to: Uuid, data: &[u8]) -> f64 {
-    let c = &state.config;
     quiesce(state.pool()).await;
     let started = Instant::now();
-    let outcome: String = state
-        .db
-        .query_scalar(functions::send_message::SEND_SQL)
-        .bind(Uuid::now_v7())
-        .bind(from)
-        .bind(to)
-        .bind(data)
-        .bind(c.message_ttl_seconds as f64)
-        .bind(None::<&str>)
-        .bind(None::<Vec<u8>>)
-        .bind(c.send_max_per_window as i32)
-        .bind(c.send_window_seconds as f64)
-        .bind(c.max_pending_per_recipient as i32)
-        .bind(c.max_pending_bytes_per_recipient as i64)
-        .fetch_one(state.pool())
+    let envelope = functions::send_message::Envelope {
+        device_id: 1,
+        key_fingerprint: None,
+        ciphertext: data.to_vec(),
+    };
+    let sender = common::http::Caller {
+        user_id: from,
+        device_id: 1,
+    };
+    functions::send_message::send(state, sender, to, false, vec![envelope], None, None)
         .await
-        .expect("send_message()");
-    let elapsed = started.elapsed().as_secs_f64() * 1e6;
-    assert_eq!(outcome, "stored");
-    elapsed
+        .expect("send_envelopes() stored the message");
+    started.elapsed().as_secs_f64() * 1e6
 }
 
 async fn send_before(state: &AppState, from: Uuid, to: Uuid, data: &[u8]) -> f64 {

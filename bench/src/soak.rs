@@ -166,7 +166,12 @@ async fn register_user(state: &'static AppState) -> Option<User> {
     let id = serde_json::from_str::<Value>(&text).ok()?["id"]
         .as_str()?
         .to_string();
-    let token = state.jwt().ok()?.issue(id.parse().ok()?, 1).ok()?.access_token;
+    let token = state
+        .jwt()
+        .ok()?
+        .issue(id.parse().ok()?, 1)
+        .ok()?
+        .access_token;
     Some(User {
         id,
         name,

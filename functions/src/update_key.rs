@@ -20,36 +20,15 @@ use crate::users::Profile;
 pub const SIGNING_KEY_SQL: &str =
     "SELECT signing_key FROM devices WHERE user_id = $1 AND device_id = $2";
 
-/// The new key (`$3`) for device `$2`: with a binding signature (`$4`) made under signing key
-/// `$5` (still the device's, or nothing changes), the signing key and prekeys stay; without one
-/// they are dropped. Device 1's key is the account's too. `device_exists` (the statement's
-/// snapshot) tells a removed device (401) from a signing key changed meanwhile.
-pub const UPDATE_SQL: &str = r#"
-WITH device AS (
-    UPDATE devices SET public_key = $3, key_updated_at = now(),
-        signing_key       = CASE WHEN $4::bytea IS NULL THEN NULL ELSE signing_key END,
-        binding_sig       = $4::bytea,
-        signing_key_reset = CASE WHEN $4::bytea IS NULL THEN false ELSE signing_key_reset END,
-        prekey_high_water = CASE WHEN $4::bytea IS NULL THEN NULL ELSE prekey_high_water END
-    WHERE user_id = $1 AND device_id = $2 AND ($4::bytea IS NULL OR signing_key = $5)
-    RETURNING user_id, device_id, public_key, key_updated_at
-), dropped AS (
-    DELETE FROM prekeys p USING device d
-    WHERE $4::bytea IS NULL AND p.user_id = d.user_id AND p.device_id = d.device_id
-), account AS (
-    UPDATE users u SET public_key = d.public_key, key_updated_at = d.key_updated_at
-    FROM device d WHERE u.id = d.user_id AND d.device_id = 1
-)
-SELECT EXISTS (SELECT 1 FROM devices WHERE user_id = $1 AND device_id = $2) AS device_exists,
-       u.id, u.name, d.public_key, u.created_at, d.key_updated_at
-FROM (SELECT 1) AS one
-LEFT JOIN device d ON true
-LEFT JOIN users u ON u.id = d.user_id
-"#;
+/// The new key (`$3`) for device `$2` of `$1`, through `rekey_device()` (the migration): the
+/// device row locked, then its signing key and prekeys kept with a binding signature (`$4`) made
+/// under signing key `$5` (still the device's, or nothing changes), dropped without one.
+pub const UPDATE_SQL: &str = "SELECT outcome, id, name, public_key, created_at, key_updated_at \
+                              FROM rekey_device($1, $2, $3, $4, $5)";
 
 #[derive(sqlx::FromRow)]
 struct Updated {
-    device_exists: bool,
+    outcome: String,
     id: Option<Uuid>,
     name: Option<String>,
     public_key: Option<String>,
@@ -91,14 +70,20 @@ pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
         .bind(signing_key)
         .fetch_one(state.pool())
         .await?;
-    match (updated.device_exists, updated.profile()) {
-        (_, Some(profile)) => Ok(json_response(StatusCode::OK, &profile)),
-        (false, None) => Err(ApiError::Unauthorized),
+    match updated.outcome.as_str() {
+        "updated" => updated
+            .profile()
+            .map(|profile| json_response(StatusCode::OK, &profile))
+            .ok_or_else(|| ApiError::internal("rekey_device() answered an incomplete row")),
+        "no_device" => Err(ApiError::Unauthorized),
         // The signing key changed between the check and the update: the signature no longer
-        // binds to the device's key.
-        (true, None) => Err(ApiError::InvalidSignature {
+        // binds the new key to the device's signing key.
+        "signing_key_changed" => Err(ApiError::InvalidSignature {
             field: "binding_sig",
         }),
+        other => Err(ApiError::internal(format!(
+            "rekey_device() answered {other:?}"
+        ))),
     }
 }
 

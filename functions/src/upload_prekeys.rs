@@ -176,12 +176,12 @@ pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
     {
         return Err(ApiError::InvalidSignature { field: "prekeys" });
     }
-    if let Some(prekey) = &last_resort {
-        if !prekey.verifies(&signing_key, Context::LastResort, caller) {
-            return Err(ApiError::InvalidSignature {
-                field: "last_resort",
-            });
-        }
+    if let Some(prekey) = &last_resort
+        && !prekey.verifies(&signing_key, Context::LastResort, caller)
+    {
+        return Err(ApiError::InvalidSignature {
+            field: "last_resort",
+        });
     }
 
     let key_ids: Vec<i64> = prekeys.iter().map(|p| p.key_id).collect();

@@ -195,7 +195,9 @@ async fn a_changed_device_list_stores_nothing(pool: PgPool) {
     let prints = fingerprints(&app, &bob).await;
     let (one, two) = (prints[&1].as_str(), prints[&2].as_str());
 
-    let cases: [(&[(i64, &str)], [&[i64]; 3]); 4] = [
+    // (envelopes given, [missing, extra, stale] expected)
+    type Case<'a> = (&'a [(i64, &'a str)], [&'a [i64]; 3]);
+    let cases: [Case; 4] = [
         (&[(1, one)], [&[2], &[], &[]]),
         (&[(1, one), (2, two), (7, two)], [&[], &[7], &[]]),
         (&[(1, one), (2, one)], [&[], &[], &[2]]),
@@ -484,7 +486,7 @@ async fn one_key_to_two_recipients_at_once_stores_one(pool: PgPool) {
 /// another instance. A send sealed to a key is stored wholly while that key is current, or
 /// answered 409 (then resent to the key the 409 names): on device 2 envelopes come in key order
 /// (ids follow commit order per mailbox), every key got some, and no request stored half of
-/// itself. (The removal race in `devices.rs` is the sharper test of the lock: there a send that
+/// itself. (The removal race below is the sharper test of the lock: there a send that
 /// did not wait for it leaves mail for a removed device.)
 #[sqlx::test(migrator = "common::db::MIGRATOR")]
 async fn a_fan_out_racing_a_re_key_is_before_or_after_it(pool: PgPool) {
@@ -592,4 +594,120 @@ async fn a_fan_out_racing_a_re_key_is_before_or_after_it(pool: PgPool) {
         last = g;
     }
     assert!(seen.iter().all(|n| *n > 0), "every key was used: {seen:?}");
+}
+
+/// Senders on 8 instances fan out to all of bob's devices while devices are linked and removed
+/// (DELETE /devices/{id}) on another instance. A send either comes wholly before a removal (its
+/// envelope for the removed device is erased with the device's mail) or after it (409, resent
+/// to the list the 409 names): no mail is ever left for a removed device, and every envelope of
+/// a 201 for a device that still exists is there.
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn a_fan_out_racing_a_removal_leaves_no_mail_for_it(pool: PgPool) {
+    const ROUNDS: u8 = 12;
+    let app = TestApp::new(pool.clone());
+    let (_, alice_token) = app.user("alice").await;
+    let (bob, bob_token) = app.user("bob").await;
+    let done = Arc::new(AtomicBool::new(false));
+
+    let mut senders = Vec::new();
+    for sender in 0..8 {
+        let app = TestApp::with_env(pool.clone(), &[("SEND_MAX_PER_WINDOW", "100000")]);
+        let (token, bob, done) = (alice_token.clone(), bob.clone(), done.clone());
+        let mut devices: Vec<(i64, String)> = fingerprints(&app, &bob).await.into_iter().collect();
+        senders.push(tokio::spawn(async move {
+            let mut stored = Vec::new();
+            let mut after = 0;
+            for n in 0..20_000 {
+                let list: Vec<(i64, &str)> =
+                    devices.iter().map(|(d, f)| (*d, f.as_str())).collect();
+                let r = fan_out(
+                    &app,
+                    &token,
+                    &bob,
+                    envelopes(&list, &format!("{sender} {n}")),
+                )
+                .await;
+                match r.status {
+                    201 => stored.extend(r.body["messages"].as_array().unwrap().iter().map(|m| {
+                        (
+                            m["device_id"].as_i64().unwrap(),
+                            m["id"].as_str().unwrap().to_string(),
+                        )
+                    })),
+                    409 => {
+                        devices = r.body["devices"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|d| {
+                                let id = d["device_id"].as_i64().unwrap();
+                                (id, d["key_fingerprint"].as_str().unwrap().to_string())
+                            })
+                            .collect();
+                    }
+                    other => panic!("{other}: {}", r.text),
+                }
+                if done.load(Ordering::SeqCst) {
+                    after += 1;
+                    if after == 10 {
+                        break;
+                    }
+                }
+            }
+            stored
+        }));
+    }
+    // Link a device, let the senders find it, remove it; again.
+    let remover = TestApp::new(pool.clone());
+    let mut removed = Vec::new();
+    for round in 0..ROUNDS {
+        let (device, _) = add_device(&app, &bob, 100 + round).await;
+        tokio::time::sleep(std::time::Duration::from_millis(40)).await;
+        let r = remover
+            .request("DELETE", &format!("/devices/{device}"))
+            .bearer(&bob_token)
+            .json(json!({"password": PASSWORD}))
+            .send()
+            .await;
+        assert_eq!(r.status, 204, "{}", r.text);
+        removed.push(device);
+    }
+    done.store(true, Ordering::SeqCst);
+    let mut stored = Vec::new();
+    for s in senders {
+        stored.extend(s.await.unwrap());
+    }
+
+    let left: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM messages WHERE recipient_id = $1::uuid AND recipient_device_id = ANY($2)",
+    )
+    .bind(&bob)
+    .bind(&removed)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(left, 0, "mail left for a removed device");
+    let to_removed = stored
+        .iter()
+        .filter(|(d, _)| removed.contains(&(*d as i32)))
+        .count();
+    assert!(
+        to_removed > 0,
+        "the senders reached the short-lived devices"
+    );
+    let kept: Vec<String> = stored
+        .iter()
+        .filter(|(d, _)| !removed.contains(&(*d as i32)))
+        .map(|(_, id)| id.clone())
+        .collect();
+    let present: i64 = sqlx::query_scalar("SELECT count(*) FROM messages WHERE id::text = ANY($1)")
+        .bind(&kept)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        present as usize,
+        kept.len(),
+        "an envelope of a 201 is missing"
+    );
 }

@@ -220,92 +220,38 @@ async fn claims_counted(pool: &PgPool, requester: &Device) -> i32 {
 /// connection, which is the test's doing, not the database's.
 const SLOW_ACQUIRE: (&str, &str) = ("DB_ACQUIRE_TIMEOUT_MS", "30000");
 
+/// Holds every write to `prekeys` back (a SHARE lock on the table) until `racers` sessions wait
+/// on a lock, then lets them all go. The instances of a test share its one thread, which would
+/// otherwise run them mostly one after another (a debug build verifies signatures slowly); the
+/// gate makes them meet in the database, as Lambda instances do.
+struct Gate(sqlx::Transaction<'static, sqlx::Postgres>);
 
-// TEMPORARY: broken variants, to see the race tests fail.
-async fn break_it(pool: &PgPool) {
-    if std::env::var("BREAK_PREKEYS").is_err() {
-        return;
+impl Gate {
+    async fn close(pool: &PgPool) -> Self {
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("LOCK TABLE prekeys IN SHARE MODE")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        Self(tx)
     }
-    let which = std::env::var("BREAK_PREKEYS").unwrap();
-    if which.contains("claim") {
-    sqlx::raw_sql(r#"
-CREATE OR REPLACE FUNCTION claim_prekeys(
-    p_requester uuid, p_requester_device integer, p_target uuid, p_device_ids integer[],
-    p_requester_bucket text, p_requester_max integer, p_target_bucket text, p_target_max integer,
-    p_window_seconds double precision
-) RETURNS TABLE (outcome text, device_id integer, key_id bigint, public_key bytea, signature bytea, retry_after bigint)
-LANGUAGE plpgsql AS $$
-#variable_conflict use_column
-DECLARE
-    v_devices integer[]; v_device integer; v_attempts integer; v_handed integer;
-    v_key_id bigint; v_public_key bytea; v_signature bytea;
-BEGIN
-    SELECT array_agg(d.device_id ORDER BY d.device_id) INTO v_devices FROM devices d
-    WHERE d.user_id = p_target AND (p_device_ids IS NULL OR d.device_id = ANY (p_device_ids));
-    -- check, then count: no lock between them
-    SELECT coalesce((SELECT r.attempts FROM rate_limits r WHERE r.bucket = p_requester_bucket AND r.key = p_requester::text), 0) INTO v_attempts;
 
-    IF v_attempts + cardinality(v_devices) > p_requester_max THEN
-        RETURN QUERY SELECT 'rate_limited'::text, NULL::integer, NULL::bigint, NULL::bytea, NULL::bytea, 1::bigint;
-        RETURN;
-    END IF;
-    INSERT INTO rate_limits AS r (bucket, key, window_start, attempts)
-    VALUES (p_requester_bucket, p_requester::text, now(), cardinality(v_devices))
-    ON CONFLICT (bucket, key) DO UPDATE SET attempts = r.attempts + EXCLUDED.attempts;
-    FOREACH v_device IN ARRAY v_devices LOOP
-        SELECT coalesce((SELECT r.attempts FROM rate_limits r WHERE r.bucket = p_target_bucket AND r.key = p_target::text || '/' || v_device), 0) INTO v_handed;
-        v_key_id := NULL;
-        IF v_handed < p_target_max THEN
-            -- SELECT, then DELETE, without a lock
-            SELECT q.key_id, q.public_key, q.signature INTO v_key_id, v_public_key, v_signature
-            FROM prekeys q WHERE q.user_id = p_target AND q.device_id = v_device AND NOT q.last_resort
-            ORDER BY q.key_id LIMIT 1;
-
-            DELETE FROM prekeys p WHERE p.user_id = p_target AND p.device_id = v_device AND NOT p.last_resort AND p.key_id = v_key_id;
-        END IF;
-        IF v_key_id IS NOT NULL THEN
-            INSERT INTO rate_limits AS r (bucket, key, window_start, attempts)
-            VALUES (p_target_bucket, p_target::text || '/' || v_device, now(), 1)
-            ON CONFLICT (bucket, key) DO UPDATE SET attempts = r.attempts + 1;
-            RETURN QUERY SELECT 'one_time'::text, v_device, v_key_id, v_public_key, v_signature, 0::bigint;
-            CONTINUE;
-        END IF;
-        UPDATE prekeys p SET claims = p.claims + 1
-        WHERE p.user_id = p_target AND p.device_id = v_device AND p.last_resort
-        RETURNING p.key_id, p.public_key, p.signature INTO v_key_id, v_public_key, v_signature;
-        RETURN QUERY SELECT 'last_resort'::text, v_device, v_key_id, v_public_key, v_signature, 0::bigint;
-    END LOOP;
-END
-$$;
-"#).execute(pool).await.unwrap();
-    }
-    if which.contains("setter") {
-    sqlx::raw_sql(r#"
--- The key change in one statement: its DELETE runs in the snapshot taken before the lock.
-CREATE OR REPLACE FUNCTION set_signing_key(
-    p_user uuid, p_device integer, p_public_key text, p_seen_signing_key text,
-    p_signing_key text, p_binding_sig bytea, p_reset boolean
-) RETURNS TABLE (outcome text, signing_key_reset boolean)
-LANGUAGE sql AS $$
-WITH device AS (
-    UPDATE devices d SET signing_key = p_signing_key, binding_sig = p_binding_sig,
-        signing_key_reset = p_reset, prekey_high_water = NULL
-    WHERE d.user_id = p_user AND d.device_id = p_device AND d.public_key = p_public_key
-      AND d.signing_key IS NOT DISTINCT FROM p_seen_signing_key
-    RETURNING d.user_id
-), dropped AS (
-    DELETE FROM prekeys p USING device d WHERE p.user_id = d.user_id AND p.device_id = p_device
-)
-SELECT CASE WHEN EXISTS (SELECT 1 FROM device) THEN 'set' ELSE 'changed' END, p_reset
-$$;
-"#).execute(pool).await.unwrap();
-    }
-    if which.contains("uploadlock") {
-    // The upload without the device lock.
-    let def: String = sqlx::query_scalar("SELECT pg_get_functiondef('store_prekeys'::regproc)").fetch_one(pool).await.unwrap();
-    let def = def.replace("    FOR NO KEY UPDATE;", "    ;");
-    assert!(!def.contains("FOR NO KEY UPDATE"));
-    sqlx::raw_sql(sqlx::AssertSqlSafe(def)).execute(pool).await.unwrap();
+    async fn open_when_waiting(self, pool: &PgPool, racers: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            if waiting as usize >= racers || std::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        self.0.commit().await.unwrap();
     }
 }
 
@@ -1251,7 +1197,6 @@ async fn racing_claims_hand_out_each_one_time_key_once(pool: PgPool) {
     const EACH: usize = 10;
     let vars = [("PREKEY_CLAIMS_PER_TARGET", "1000"), SLOW_ACQUIRE];
     let app = TestApp::with_env(pool.clone(), &vars);
-    break_it(&pool).await;
     let alice = x25519_user(&app, "alice").await;
     let key = secret(1);
     set_signing_key(&app, &alice, &key).await;
@@ -1263,6 +1208,7 @@ async fn racing_claims_hand_out_each_one_time_key_once(pool: PgPool) {
     }
 
     let apps = instances(&pool, INSTANCES, &vars);
+    let gate = Gate::close(&pool).await;
     let tasks: Vec<_> = apps
         .into_iter()
         .enumerate()
@@ -1279,9 +1225,21 @@ async fn racing_claims_hand_out_each_one_time_key_once(pool: PgPool) {
             })
         })
         .collect();
+    gate.open_when_waiting(&pool, INSTANCES).await;
     let mut bodies = Vec::new();
     for task in tasks {
-        bodies.extend(task.await.unwrap());
+        let claims = task.await.unwrap();
+        // Keys are only taken, never added, here: once an instance got the last-resort key, no
+        // one-time key was left for its later claims either.
+        let kinds: Vec<bool> = claims
+            .iter()
+            .map(|body| body["devices"][0]["prekey"]["last_resort"] == json!(true))
+            .collect();
+        assert!(
+            kinds.windows(2).all(|pair| pair[0] <= pair[1]),
+            "a last-resort answer while one-time keys were left: {kinds:?}"
+        );
+        bodies.extend(claims);
     }
     let (one_time, last_resort) = tally(&bodies);
     let distinct: HashSet<u64> = one_time.iter().copied().collect();
@@ -1307,7 +1265,6 @@ async fn racing_claims_keep_the_per_target_limit(pool: PgPool) {
     const EACH: usize = 2;
     let vars = [("PREKEY_CLAIMS_PER_TARGET", "5"), SLOW_ACQUIRE];
     let app = TestApp::with_env(pool.clone(), &vars);
-    break_it(&pool).await;
     let alice = x25519_user(&app, "alice").await;
     let key = secret(1);
     set_signing_key(&app, &alice, &key).await;
@@ -1318,6 +1275,7 @@ async fn racing_claims_keep_the_per_target_limit(pool: PgPool) {
     }
 
     let apps = instances(&pool, INSTANCES, &vars);
+    let gate = Gate::close(&pool).await;
     let tasks: Vec<_> = apps
         .into_iter()
         .enumerate()
@@ -1335,6 +1293,7 @@ async fn racing_claims_keep_the_per_target_limit(pool: PgPool) {
             })
         })
         .collect();
+    gate.open_when_waiting(&pool, INSTANCES).await;
     let mut bodies = Vec::new();
     for task in tasks {
         bodies.extend(task.await.unwrap());
@@ -1353,7 +1312,6 @@ async fn racing_claims_keep_the_per_requester_limit(pool: PgPool) {
     const INSTANCES: usize = 20;
     let vars = [("PREKEY_CLAIMS_PER_WINDOW", "7"), SLOW_ACQUIRE];
     let app = TestApp::with_env(pool.clone(), &vars);
-    break_it(&pool).await;
     let alice = x25519_user(&app, "alice").await;
     let alice2 = add_device(&app, &alice, x25519_raw("alice 2")).await;
     let bob = x25519_user(&app, "bob").await;
@@ -1364,6 +1322,7 @@ async fn racing_claims_keep_the_per_requester_limit(pool: PgPool) {
     }
 
     let apps = instances(&pool, INSTANCES, &vars);
+    let gate = Gate::close(&pool).await;
     let tasks: Vec<_> = apps
         .into_iter()
         .enumerate()
@@ -1384,6 +1343,7 @@ async fn racing_claims_keep_the_per_requester_limit(pool: PgPool) {
             })
         })
         .collect();
+    gate.open_when_waiting(&pool, INSTANCES).await;
     let mut claimed = Vec::new();
     for task in tasks {
         let r = task.await.unwrap();
@@ -1419,30 +1379,31 @@ async fn racing_claims_keep_the_per_requester_limit(pool: PgPool) {
     assert_eq!(counted as usize, one_time.len());
 }
 
-/// Uploads racing each other: never two under one key id or past PREKEY_MAX_STORED; and
-/// uploads racing signing-key changes: no prekey outlives the key that signed it.
+/// Uploads racing each other, 20 at once with the same key ids in pairs: never two under one key
+/// id, none at or below the high-water mark, never past PREKEY_MAX_STORED.
 #[sqlx::test(migrator = "common::db::MIGRATOR")]
-async fn racing_uploads_and_key_changes_leave_a_consistent_stock(pool: PgPool) {
-    const INSTANCES: usize = 10;
-    let vars = [("PREKEY_MAX_STORED", "100"), SLOW_ACQUIRE];
+async fn racing_uploads_keep_the_key_ids_and_the_stock(pool: PgPool) {
+    const INSTANCES: usize = 20;
+    let vars = [("PREKEY_MAX_STORED", "5"), SLOW_ACQUIRE];
     let app = TestApp::with_env(pool.clone(), &vars);
-    break_it(&pool).await;
     let alice = x25519_user(&app, "alice").await;
     let key = secret(1);
     set_signing_key(&app, &alice, &key).await;
 
-    // Ten uploads of 30 keys at once, the same ids for pairs of them: at most 3 fit.
+    // Two keys each: at most 2 uploads fit.
     let apps = instances(&pool, INSTANCES, &vars);
+    let gate = Gate::close(&pool).await;
     let tasks: Vec<_> = apps
-        .iter()
+        .into_iter()
         .enumerate()
         .map(|(i, app)| {
-            let (app, alice) = (app.clone(), alice.clone());
-            let first = (i / 2) as u32 * 100 + 1;
-            let body = json!({"prekeys": prekeys(&key, &alice, first..first + 30)});
+            let alice = alice.clone();
+            let first = (i / 2) as u32 * 10 + 1;
+            let body = json!({"prekeys": prekeys(&key, &alice, first..first + 2)});
             tokio::spawn(async move { upload(&app, &alice, body).await })
         })
         .collect();
+    gate.open_when_waiting(&pool, INSTANCES).await;
     let mut stored = 0;
     for task in tasks {
         let r = task.await.unwrap();
@@ -1451,12 +1412,25 @@ async fn racing_uploads_and_key_changes_leave_a_consistent_stock(pool: PgPool) {
             _ => r.assert_error(422, "validation_failed"),
         }
     }
-    assert!((1..=3).contains(&stored), "{stored} uploads stored");
-    assert_eq!(count(&app, &alice).await["available"], 30 * stored);
+    assert!((1..=2).contains(&stored), "{stored} uploads stored");
+    assert_eq!(count(&app, &alice).await["available"], 2 * stored);
+}
+
+/// Rotations racing uploads signed by the key each rotation replaces: the upload is stored
+/// before the rotation (which then deletes it) or refused after it, so no prekey outlives the
+/// key that signed it.
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn racing_key_changes_leave_no_prekey_of_the_old_key(pool: PgPool) {
+    let vars = [SLOW_ACQUIRE];
+    let app = TestApp::with_env(pool.clone(), &vars);
+    let alice = x25519_user(&app, "alice").await;
+    let key = secret(1);
+    set_signing_key(&app, &alice, &key).await;
+    let apps = instances(&pool, 2, &vars);
 
     // Rotations racing uploads signed by the key each rotation replaces.
     let mut current = key;
-    for round in 0..15u8 {
+    for round in 0..20u8 {
         let next = secret(10 + round);
         let mut body = signing_key_body(&alice, &next);
         body["rotation_sig"] = json!(sign(
