@@ -194,9 +194,15 @@ pub struct Caller {
 /// The caller from `Authorization: Bearer <jwt>`; anything else is 401. A token without `dev`
 /// is device 1's.
 pub fn authenticate(request: &Request, jwt: &JwtKeys) -> Result<Caller, ApiError> {
-    let value = request
-        .headers()
-        .get(header::AUTHORIZATION)
+    caller_of(request.headers().get(header::AUTHORIZATION), jwt)
+}
+
+/// The caller an `Authorization` header value names, as `authenticate` reads it.
+pub fn caller_of(
+    authorization: Option<&lambda_http::http::HeaderValue>,
+    jwt: &JwtKeys,
+) -> Result<Caller, ApiError> {
+    let value = authorization
         .and_then(|v| v.to_str().ok())
         .ok_or(ApiError::Unauthorized)?;
     let token = bearer_token(value).ok_or(ApiError::Unauthorized)?;

@@ -68,8 +68,14 @@ where
     let route = route_of(&request);
     let request_id = request.lambda_context_ref().map(|c| c.request_id.clone());
     let origin = request.headers().get(header::ORIGIN).cloned();
+    let authorization = request.headers().get(header::AUTHORIZATION).cloned();
     state.db.refresh_credentials();
-    let result = handler(state, request).await;
+    let result = match handler(state, request).await {
+        Err(error) if refused_before_the_caller_was_checked(&error) => {
+            Err(caller_gone_or(state, authorization.as_ref(), error).await)
+        }
+        other => other,
+    };
     let (mut response, error_code) = match result {
         Ok(response) => (response, None),
         Err(error) => {
@@ -89,6 +95,52 @@ where
         "request"
     );
     response
+}
+
+/// Whether the token's device (and so its account) still exists.
+pub const DEVICE_EXISTS_SQL: &str =
+    "SELECT EXISTS (SELECT 1 FROM devices WHERE user_id = $1 AND device_id = $2)";
+
+/// A refusal other than 401 and the router's own answers: one the handler may have given
+/// before any of its statements checked the token's device (a malformed body, say).
+fn refused_before_the_caller_was_checked(error: &ApiError) -> bool {
+    error.status().is_client_error()
+        && !matches!(
+            error,
+            ApiError::Unauthorized
+                | ApiError::InvalidCredentials
+                | ApiError::MethodNotAllowed { .. }
+        )
+}
+
+/// A token whose device or account no longer exists is 401 on every endpoint, whatever else is
+/// wrong with the request (API.md "Conventions"). Each handler's statements check the device on
+/// the way to a success, in the round trip they make anyway; a refusal found before them (or
+/// any other refusal) is checked here, on the error path only. Nothing was counted for such a
+/// caller: every counting statement checks the device first.
+async fn caller_gone_or(
+    state: &AppState,
+    authorization: Option<&HeaderValue>,
+    error: ApiError,
+) -> ApiError {
+    let Some(caller) = state
+        .jwt()
+        .ok()
+        .and_then(|jwt| crate::http::caller_of(authorization, jwt).ok())
+    else {
+        return error;
+    };
+    let exists: Result<bool, _> = state
+        .db
+        .query_scalar(DEVICE_EXISTS_SQL)
+        .bind(caller.user_id)
+        .bind(caller.device_id)
+        .fetch_one(state.pool())
+        .await;
+    match exists {
+        Ok(false) => ApiError::Unauthorized,
+        _ => error,
+    }
 }
 
 /// The route template (API Gateway's route key) rather than the raw path where we have it.

@@ -16,7 +16,7 @@ const PREFLIGHT_MAX_AGE: &str = "600";
 pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
     match routes::find(request.method().as_str(), request.uri().path()) {
         Err(allowed) if allowed.is_empty() => Err(ApiError::NotFound("no such route")),
-        Err(allowed) if request.method() == Method::OPTIONS => {
+        Err(allowed) if request.method() == Method::OPTIONS && is_preflight(&request) => {
             Ok(preflight(state, &request, &allowed))
         }
         Err(allowed) => Err(ApiError::MethodNotAllowed {
@@ -33,6 +33,14 @@ pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
             Err(ApiError::NotFound("no such route"))
         }
     }
+}
+
+/// A browser's CORS preflight: `OPTIONS` with `Origin` and `Access-Control-Request-Method`. Any
+/// other `OPTIONS` is a method the API does not have (405).
+fn is_preflight(request: &Request) -> bool {
+    let headers = request.headers();
+    headers.contains_key(header::ORIGIN)
+        && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
 }
 
 /// 204 with `Allow`; for an allowed origin also the CORS preflight headers (the runtime adds

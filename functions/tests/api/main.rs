@@ -16,3 +16,4 @@ mod operations;
 mod prekeys;
 mod queries;
 mod support;
+mod tokens;

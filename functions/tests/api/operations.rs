@@ -236,11 +236,26 @@ async fn cors_answers_only_named_origins(pool: PgPool) {
     let r = app
         .request("OPTIONS", "/messages")
         .header("origin", "https://evil.example")
+        .header("access-control-request-method", "POST")
         .send()
         .await;
     assert_eq!(r.status, 204);
     assert!(!r.headers.contains_key("access-control-allow-origin"));
     assert!(!r.headers.contains_key("access-control-allow-methods"));
+    // An OPTIONS that is not a preflight (no Origin, or no Access-Control-Request-Method) is a
+    // method the path does not have.
+    for (name, value) in [
+        ("origin", "https://app.example"),
+        ("access-control-request-method", "POST"),
+    ] {
+        let r = app
+            .request("OPTIONS", "/messages")
+            .header(name, value)
+            .send()
+            .await;
+        r.assert_error(405, "method_not_allowed");
+        assert_eq!(r.headers["allow"], "POST, GET");
+    }
     app.request("OPTIONS", "/nowhere")
         .send()
         .await
