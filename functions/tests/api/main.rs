@@ -15,5 +15,6 @@ mod messaging;
 mod operations;
 mod prekeys;
 mod queries;
+mod rotation;
 mod support;
 mod tokens;
