@@ -43,6 +43,7 @@ pub(crate) fn lambda_env(
         // Cost, not quotas: the fixture's sender has sent thousands by now (fixture.rs).
         ("SEND_MAX_PER_WINDOW", "1000000".to_string()),
         ("MAX_PENDING_PER_RECIPIENT", "1000000".to_string()),
+        ("MAX_PENDING_FROM_ONE_SENDER", "1000000".to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))

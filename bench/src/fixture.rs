@@ -64,6 +64,7 @@ pub(crate) async fn app_state_with(
         ("BCRYPT_COST", bcrypt_cost.to_string()),
         ("SEND_MAX_PER_WINDOW", "1000000".to_string()),
         ("MAX_PENDING_PER_RECIPIENT", "1000000".to_string()),
+        ("MAX_PENDING_FROM_ONE_SENDER", "1000000".to_string()),
     ]);
     vars.extend(extra.iter().cloned());
     let config = Config::from_lookup(|k| vars.get(k).cloned()).expect("bench config is valid");
