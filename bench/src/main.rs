@@ -10,7 +10,7 @@
 //! 4. bcrypt: login and register at the configured cost and at cost 4.
 //! 5. Unnamed statements (the deployed DB_STATEMENT_CACHE_CAPACITY=0) against cached named ones
 //!    on the cheap reads.
-//! 6. POST /messages through send_message() against the single INSERT it replaced.
+//! 6. POST /messages through send_envelopes() against the single INSERT it replaced.
 //! 7. The delivery cycle at page sizes 1, 10 and 100, batch confirm against per-id PUTs, and
 //!    the API calls and dollars per million delivered messages.
 //! 8. /metrics at 10 and 1,000,000 messages (BENCH_METRICS_ROWS), now and before; it empties
