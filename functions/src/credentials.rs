@@ -8,7 +8,9 @@
 //! gives its provisional count back too, and clears the name-and-address counter, its own.
 
 use common::domain::Password;
+use common::http::{Caller, client_address};
 use common::{ApiError, AppState, password};
+use lambda_http::Request;
 use uuid::Uuid;
 
 use crate::rate_limit::{Bucket, name_address_key};
@@ -52,6 +54,44 @@ UPDATE rate_limits AS r SET attempts = greatest(r.attempts - 1, 0)
 FROM unnest($1::text[], $2::text[]) AS k(bucket, key)
 WHERE r.bucket = k.bucket AND r.key = k.key
 "#;
+
+/// The caller's name key, which the login limits count by, while the token's device exists.
+pub const CALLER_SQL: &str = r#"
+SELECT lower(u.name COLLATE "C") FROM users u
+JOIN devices d ON d.user_id = u.id AND d.device_id = $2
+WHERE u.id = $1
+"#;
+
+/// The caller's name key; 401 when the token's device (or account) no longer exists.
+pub async fn caller_name_key(state: &AppState, caller: Caller) -> Result<String, ApiError> {
+    let name_key: Option<String> = state
+        .db
+        .query_scalar(CALLER_SQL)
+        .bind(caller.user_id)
+        .bind(caller.device_id)
+        .fetch_optional(state.pool())
+        .await?;
+    name_key.ok_or(ApiError::Unauthorized)
+}
+
+/// The caller's own password, for an authenticated request that needs it too (`DELETE /me`,
+/// `DELETE /devices/{id}`, a signing-key reset): checked as a login attempt from the request's
+/// address, so a wrong one counts against the same limits.
+pub async fn check_caller(
+    state: &AppState,
+    request: &Request,
+    caller: Caller,
+    name_key: &str,
+    password: &Password,
+) -> Result<(), ApiError> {
+    let address = client_address(request);
+    let owner = check(state, name_key, password, &address, caller.device_id).await?;
+    if owner != caller.user_id {
+        // The account was deleted and its name taken again while this request ran.
+        return Err(ApiError::Unauthorized);
+    }
+    Ok(())
+}
 
 #[derive(sqlx::FromRow)]
 struct Attempt {

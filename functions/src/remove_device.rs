@@ -4,14 +4,13 @@
 //! the account (`DELETE /me`). Its id is never handed out again.
 
 use common::domain::Password;
-use common::http::{authenticate, client_address, json_body, path_param};
+use common::http::{authenticate, json_body, path_param};
 use common::response::no_content;
 use common::runtime::HandlerResult;
 use common::{ApiError, AppState};
 use lambda_http::Request;
 
 use crate::credentials;
-use crate::delete_account::CALLER_SQL;
 
 /// One call of `remove_device()` (migrations/20261204000001): the account row, then the device
 /// row (the lock order), the count, and the device's undelivered mail.
@@ -37,28 +36,14 @@ pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
     let device_id = parse_device_id(&raw)?;
     let body = json_body(&request, crate::MAX_ACCOUNT_BODY_BYTES)?;
     let password = Password::parse(body.required_str("password")?)?;
-    let name_key: Option<String> = state
-        .db
-        .query_scalar(CALLER_SQL)
-        .bind(caller.user_id)
-        .bind(caller.device_id)
-        .fetch_optional(state.pool())
-        .await?;
-    // A valid token for a device or account that no longer exists.
-    let name_key = name_key.ok_or(ApiError::Unauthorized)?;
+    let name_key = credentials::caller_name_key(state, caller).await?;
     // Refused before bcrypt spends its time: the account itself is removed with DELETE /me.
     if device_id == 1 {
         return Err(ApiError::Forbidden(
             "device 1 cannot be removed: DELETE /me removes the account",
         ));
     }
-    // A wrong password counts as a failed login, against the same limits.
-    let address = client_address(&request);
-    let owner = credentials::check(state, &name_key, &password, &address, caller.device_id).await?;
-    if owner != caller.user_id {
-        // The account was deleted and its name taken again while this request ran.
-        return Err(ApiError::Unauthorized);
-    }
+    credentials::check_caller(state, &request, caller, &name_key, &password).await?;
     let outcome: String = state
         .db
         .query_scalar(REMOVE_SQL)

@@ -10,7 +10,7 @@
 //! checked, and the prekeys and `signing_key_reset` stay as they are.
 
 use common::domain::Password;
-use common::http::{Caller, authenticate, client_address, json_body};
+use common::http::{Caller, authenticate, json_body};
 use common::response::json_response;
 use common::runtime::HandlerResult;
 use common::{ApiError, AppState};
@@ -183,14 +183,7 @@ impl Replacement<'_> {
                 "replacing a signing key needs rotation_sig (by the current key) or the password",
             ));
         };
-        // A wrong password counts as a failed login, against the same limits.
-        let address = client_address(request);
-        let owner =
-            credentials::check(state, self.name_key, &password, &address, caller.device_id).await?;
-        if owner != caller.user_id {
-            // The account was deleted and its name taken again while this request ran.
-            return Err(ApiError::Unauthorized);
-        }
+        credentials::check_caller(state, request, caller, self.name_key, &password).await?;
         Ok(true)
     }
 }
