@@ -6,7 +6,7 @@ PORT ?= 9000
 VENV := .venv/bin
 
 .PHONY: help dev test test-unit test-client test-client-e2e test-e2e fuzz-api lint check-infra migrate test-purge-backlog build build-x86 deploy tools fmt clean-local
-.PHONY: routes routes-check
+.PHONY: routes routes-check api-docs
 .PHONY: deploy-infra setup-roles rotate-jwt-secret rotate-metrics-token smoke
 
 help:
@@ -16,6 +16,7 @@ help:
 	@echo "make test-client-e2e     the client end to end against the API of make dev (PORT=$(PORT))"
 	@echo "make fuzz-api            schemathesis against the local API and openapi.yaml (FUZZ_EXAMPLES=100)"
 	@echo "make routes              write the watch router (and a new function's binary and template resource) from functions/src/routes.rs"
+	@echo "make api-docs            write docs/API.md (the API reference) from openapi.yaml"
 	@echo "make migrate             apply migrations to the local (or \$$DATABASE_URL) database"
 	@echo "make test-purge-backlog  the slow purge test: 1,000,000 expired rows"
 	@echo "make bench | soak        release benchmark report | soak run (SOAK_S=120): churn, sizes, p99 over time"
@@ -45,6 +46,10 @@ routes: tools
 	@$(VENV)/python scripts/routes.py
 routes-check: tools
 	@$(VENV)/python scripts/routes.py --check
+
+# docs/API.md is generated from openapi.yaml; infra/tests/test_api_docs.py fails when it differs.
+api-docs: tools
+	@$(VENV)/python scripts/api_docs.py
 
 lint:
 	cargo fmt --all -- --check

@@ -10,10 +10,13 @@ use messenger_client::keys::{PrivateKey, PublicKey, unhex};
 use serde_json::Value;
 use std::convert::Infallible;
 
-// The contract's own copy (../shared/vectors), so the test follows it.
+// The RFC's data, kept in the repository (testdata/rfc9180) so a clone stands alone;
+// `the_copy_is_the_contracts_copy` holds it to the contract's copy (../shared/vectors) when that
+// is beside the repository (CI).
+const VECTOR_FILE: &str = "rfc9180-a.2.3-auth-x25519-sha256-chacha20poly1305.json";
 const VECTOR: &str = include_str!(concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../../shared/vectors/rfc9180-a.2.3-auth-x25519-sha256-chacha20poly1305.json"
+    "/../testdata/rfc9180/rfc9180-a.2.3-auth-x25519-sha256-chacha20poly1305.json"
 ));
 
 fn field(v: &Value, name: &str) -> Vec<u8> {
@@ -63,6 +66,27 @@ fn vector() -> Value {
         "the suite of ENVELOPE.md in auth mode"
     );
     v
+}
+
+#[test]
+fn the_copy_is_the_contracts_copy() {
+    let shared = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/vectors")
+        .join(VECTOR_FILE);
+    match std::fs::read(&shared) {
+        Ok(theirs) => assert!(
+            theirs == VECTOR.as_bytes(),
+            "testdata/rfc9180/{VECTOR_FILE} differs from {}: copy it again",
+            shared.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!(
+                "skipped: {} is absent (no ../shared beside the repository); the copy in testdata/rfc9180 is used",
+                shared.display()
+            );
+        }
+        Err(e) => panic!("{}: {e}", shared.display()),
+    }
 }
 
 #[test]
