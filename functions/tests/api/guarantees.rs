@@ -776,3 +776,52 @@ async fn no_statement_is_left_on_the_connection(pool: PgPool) {
         bytes - warm_bytes
     );
 }
+
+/// One stranger cannot fill a mailbox that others need: with MAX_PENDING_FROM_ONE_SENDER=5 of
+/// MAX_PENDING_PER_RECIPIENT=8, a stranger sending 30 at once from 10 instances gets 5 stored
+/// and the rest `mailbox_full`; a friend then still delivers, up to the mailbox's own cap.
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn one_sender_cannot_fill_a_mailbox(pool: PgPool) {
+    let vars = [
+        ("MAX_PENDING_FROM_ONE_SENDER", "5"),
+        ("MAX_PENDING_PER_RECIPIENT", "8"),
+    ];
+    let app = TestApp::with_env(pool.clone(), &vars);
+    let (bob, _) = app.user("bob").await;
+    let (_, stranger) = app.user("stranger").await;
+    let (_, friend) = app.user("friend").await;
+
+    let apps = instances(&pool, 10, &vars);
+    let mut racing = Vec::new();
+    for (i, app) in apps.into_iter().enumerate() {
+        let (token, bob) = (stranger.clone(), bob.clone());
+        racing.push(tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for n in 0..3 {
+                let data = format!("spam {i} {n}");
+                let r = send(&app, &token, &bob, data.as_bytes(), None).await;
+                if r.status == 429 {
+                    assert_eq!(r.error_code(), "mailbox_full", "{}", r.text);
+                    assert!(r.headers.contains_key("retry-after"));
+                }
+                statuses.push(r.status);
+            }
+            statuses
+        }));
+    }
+    let mut stored = 0;
+    for r in racing {
+        for status in r.await.unwrap() {
+            assert!(status == 201 || status == 429, "{status}");
+            stored += usize::from(status == 201);
+        }
+    }
+    assert_eq!(stored, 5, "the stranger's share of bob's mailbox");
+    for n in 0..3 {
+        let r = send(&app, &friend, &bob, format!("hello {n}").as_bytes(), None).await;
+        assert_eq!(r.status, 201, "{}", r.text);
+    }
+    send(&app, &friend, &bob, b"one too many", None)
+        .await
+        .assert_error(429, "mailbox_full");
+}
