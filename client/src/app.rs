@@ -11,8 +11,10 @@ use crate::store::{
 use base64::Engine as _;
 use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
 use serde_json::{Value, json};
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::io::{IsTerminal, Read};
 use std::time::Duration;
 use uuid::Uuid;
@@ -126,15 +128,63 @@ pub struct Output {
 }
 
 impl Output {
+    /// One line on stdout, with its control characters escaped (see [`escape_controls`]).
     pub fn say(&self, line: &str) {
         if !self.json {
-            println!("{line}");
+            println!("{}", escape_controls(line));
         }
     }
-    /// Warnings and notices: always on stderr.
+    /// Warnings and notices: always on stderr, with control characters escaped.
     pub fn warn(&self, line: &str) {
-        eprintln!("{line}");
+        eprintln!("{}", escape_controls(line));
     }
+}
+
+/// Whether `c` can move the cursor, end, erase, recolour or reorder a line on a terminal: the
+/// control characters (C0, DEL, C1), the bidirectional formatting characters, and the Unicode line
+/// and paragraph separators.
+fn unsafe_on_terminal(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{2028}' | '\u{2029}'
+            | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Text that a sender or the server wrote (names, message text, error messages), made safe to
+/// print (ENVELOPE.md "Trust"): every character of [`unsafe_on_terminal`] is written as
+/// `\u{..}` (ESC as `\u{1b}`), so that no text can pose as another line or another sender.
+/// Every line the CLI prints goes through it; text without such characters is unchanged.
+pub fn escape_controls(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(unsafe_on_terminal) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if unsafe_on_terminal(c) {
+            let _ = write!(out, "\\u{{{:x}}}", c as u32);
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// A `--json` result as one line that is also safe on a terminal: serde_json escapes C0 already;
+/// DEL, C1 and the characters of [`unsafe_on_terminal`] become `\uXXXX` too, which is the same
+/// JSON value (they can only stand inside strings).
+pub fn json_line(value: &Value) -> String {
+    let line = value.to_string();
+    if !line.chars().any(unsafe_on_terminal) {
+        return line;
+    }
+    let mut out = String::with_capacity(line.len() + 16);
+    for c in line.chars() {
+        if unsafe_on_terminal(c) {
+            let _ = write!(out, "\\u{:04x}", c as u32);
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 pub struct App {
@@ -240,7 +290,11 @@ impl App {
     fn login_fresh(&self) -> Result<String, Error> {
         let acct = self.account()?;
         let pw = self.password(
-            &format!("Password for {} at {}: ", acct.name, self.api.base()),
+            &escape_controls(&format!(
+                "Password for {} at {}: ",
+                acct.name,
+                self.api.base()
+            )),
             false,
         )?;
         self.login_with(&acct.name, &pw)
@@ -442,19 +496,45 @@ impl App {
 
     // ---------------------------------------------------------------------------------- send
 
+    /// `GET /users?name=`, checked as ENVELOPE.md "Trust" says: the answer must carry the name
+    /// asked (without regard to case), and an id that is pinned must be pinned under that name.
+    /// Anything else is the directory trying to redirect a pin: a key change, nothing pinned.
+    fn lookup_name(&self, name: &str, contacts: &Contacts) -> Result<Directory, Error> {
+        let dir = self.authed(&format!("looking up {name}"), |api, t| {
+            api.lookup_user(t, name)
+        })?;
+        if !dir.name.eq_ignore_ascii_case(name) {
+            return Err(Error::KeyChanged(format!(
+                "the directory answered the lookup of {name} with another name, {} (id {}). \
+                 Nothing was sent or pinned: an answer must carry the name asked",
+                dir.name, dir.user_id
+            )));
+        }
+        if let Some(c) = contacts.by_id.get(&dir.user_id)
+            && !c.name.eq_ignore_ascii_case(name)
+        {
+            return Err(Error::KeyChanged(format!(
+                "the directory answered the lookup of {name} with the id {} of your contact {}. \
+                 Nothing was sent or pinned: a pinned id is never moved to another name",
+                dir.user_id, c.name
+            )));
+        }
+        Ok(dir)
+    }
+
     /// Looks `name` up in the directory and checks its key against the pinned one; pins it on
-    /// first use. A changed key (or a name now held by another account) is refused.
+    /// first use. A changed key (or a name now held by another account) is refused, and recorded
+    /// as the contact's pending key: the one `trust NAME` accepts.
     fn recipient(
         &self,
         name: &str,
         contacts: &mut Contacts,
     ) -> Result<(Directory, PublicKey), Error> {
-        let dir = self.authed(&format!("looking up {name}"), |api, t| {
-            api.lookup_user(t, name)
-        })?;
-        let key = PublicKey::from_pem(&dir.public_key).map_err(|_| {
+        let dir = self.lookup_name(name, contacts)?;
+        let key = PublicKey::from_pem(&dir.public_key).map_err(|e| {
             Error::Other(format!(
-                "{}'s published key is not an X25519 key: this client cannot encrypt to it",
+                "{}'s published key is refused ({e}): this client cannot encrypt to it. Nothing \
+                 was sent or pinned",
                 dir.name
             ))
         })?;
@@ -465,11 +545,7 @@ impl App {
                 c.pending = None;
             }
             Some(c) => {
-                c.pending = Some(PendingKey {
-                    public_key: key.to_pem(),
-                    fingerprint: fp.clone(),
-                    seen_at: now,
-                });
+                c.pending = Some(PendingKey::new(&key, None, now));
                 let pinned = c.current().fingerprint.clone();
                 self.profile.save_contacts(contacts)?;
                 return Err(Error::KeyChanged(format!(
@@ -483,7 +559,11 @@ impl App {
                 )));
             }
             None => {
-                if let Some((old_id, _)) = contacts.find_name(&dir.name) {
+                if let Some((old_id, _)) = contacts.find_name(name) {
+                    if let Some(old) = contacts.by_id.get_mut(&old_id) {
+                        old.pending = Some(PendingKey::new(&key, Some(dir.user_id), now));
+                    }
+                    self.profile.save_contacts(contacts)?;
                     return Err(Error::KeyChanged(format!(
                         "the name {} now belongs to another account (id {}, was {}), with key {}. \
                          Nothing was sent. Check with them, then run `messenger trust {}`",
@@ -497,12 +577,14 @@ impl App {
                 contacts
                     .by_id
                     .insert(dir.user_id, Contact::new(&dir.name, &key, now));
+                self.profile.save_contacts(contacts)?;
                 self.out.warn(&format!(
                     "first contact with {}: pinned key {} (compare it with {} out of band)",
                     dir.name,
                     group_fingerprint(&fp),
                     dir.name
                 ));
+                return Ok((dir, key));
             }
         }
         self.profile.save_contacts(contacts)?;
@@ -604,15 +686,17 @@ impl App {
     // ---------------------------------------------------------------------------------- inbox
 
     /// Who sent a message: the pinned contact (with the directory's key checked against it), or
-    /// a first contact pinned now. `None`: no such account any more.
+    /// a first contact pinned now. `Ok(Err(reason))`: its messages are dropped for `reason` (no
+    /// such account any more, or a directory answer that cannot be used). A change to the
+    /// contacts is on disk before its note is shown.
     fn sender(
         &self,
         id: Uuid,
         contacts: &mut Contacts,
-        cache: &mut HashMap<Uuid, Option<Sender>>,
+        cache: &mut HashMap<Uuid, Result<Sender, String>>,
         notes: &mut Vec<String>,
         now: DateTime<Utc>,
-    ) -> Result<Option<Sender>, Error> {
+    ) -> Result<Result<Sender, String>, Error> {
         if let Some(s) = cache.get(&id) {
             return Ok(s.clone());
         }
@@ -622,21 +706,35 @@ impl App {
             Err(CallError::Api(e)) => return Err(self.err(e, "looking up a sender's key")),
             Err(CallError::Client(e)) => return Err(e),
         };
-        let published = dir
-            .as_ref()
-            .and_then(|d| PublicKey::from_pem(&d.public_key).ok());
-        let sender = match (contacts.by_id.get_mut(&id), dir, published) {
-            (Some(c), _, Some(k)) => {
+        // The directory's answer, when it is one this client can use.
+        let published: Option<Result<(Directory, PublicKey), String>> = dir.map(|d| {
+            if d.user_id != id {
+                return Err(format!(
+                    "the directory answered the lookup of its sender {id} with another account ({})",
+                    d.user_id
+                ));
+            }
+            match PublicKey::from_pem(&d.public_key) {
+                Ok(k) => Ok((d, k)),
+                Err(e) => Err(format!(
+                    "its sender's published key is refused ({e}); it is not pinned"
+                )),
+            }
+        });
+        let mut note = None;
+        let sender = match (contacts.by_id.get_mut(&id), published) {
+            (Some(c), Some(Ok((_, k)))) => {
                 let fp = k.fingerprint();
                 if c.current().fingerprint == fp {
-                    c.pending = None;
-                } else if c.pending.as_ref().map(|p| &p.fingerprint) != Some(&fp) {
-                    c.pending = Some(PendingKey {
-                        public_key: k.to_pem(),
-                        fingerprint: fp.clone(),
-                        seen_at: now,
-                    });
-                    notes.push(format!(
+                    if c.pending.as_ref().is_some_and(|p| p.user_id.is_none()) {
+                        c.pending = None;
+                        note = Some(String::new());
+                    }
+                } else if c.pending.as_ref().map(|p| (&p.fingerprint, p.user_id))
+                    != Some((&fp, None))
+                {
+                    c.pending = Some(PendingKey::new(&k, None, now));
+                    note = Some(format!(
                         "{}'s key changed: pinned {}, the directory now has {}; messages sealed with \
                          it are held until you compare it with {} and run `messenger trust {}`",
                         c.name,
@@ -646,33 +744,54 @@ impl App {
                         c.name
                     ));
                 }
-                Some(Sender {
+                Ok(Sender {
                     name: c.name.clone(),
                     keys: c.opening_keys(now),
-                    changed_to: c.pending.as_ref().map(|p| p.fingerprint.clone()),
+                    changed_to: c
+                        .pending
+                        .as_ref()
+                        .filter(|p| p.user_id.is_none())
+                        .map(|p| p.fingerprint.clone()),
                 })
             }
-            (Some(c), _, None) => Some(Sender {
-                name: c.name.clone(),
-                keys: c.opening_keys(now),
-                changed_to: None,
-            }),
-            (None, Some(d), Some(k)) => {
-                if let Some((old, _)) = contacts.find_name(&d.name) {
-                    // The name was freed and taken again: a new account, not the one pinned.
-                    notes.push(format!(
-                        "{} (id {}) is not the {} you pinned (id {}): its messages are held until \
-                         `messenger trust {}`",
-                        d.name, id, d.name, old, d.name
+            (Some(c), refused) => {
+                if let Some(Err(reason)) = refused {
+                    note = Some(format!(
+                        "{}: {reason}; only the key pinned for {} opens its messages",
+                        c.name, c.name
                     ));
-                    Some(Sender {
+                }
+                Ok(Sender {
+                    name: c.name.clone(),
+                    keys: c.opening_keys(now),
+                    changed_to: None,
+                })
+            }
+            (None, Some(Ok((d, k)))) => {
+                if let Some((old, _)) = contacts.find_name(&d.name) {
+                    // The name was freed and taken again: a new account, not the one pinned. Its
+                    // key is recorded as the pending change of that name, for `trust` to accept.
+                    if let Some(c) = contacts.by_id.get_mut(&old) {
+                        c.pending = Some(PendingKey::new(&k, Some(id), now));
+                    }
+                    note = Some(format!(
+                        "{} (id {}) is not the {} you pinned (id {}): its key is {}; its messages \
+                         are held until you compare it with them and run `messenger trust {}`",
+                        d.name,
+                        id,
+                        d.name,
+                        old,
+                        group_fingerprint(&k.fingerprint()),
+                        d.name
+                    ));
+                    Ok(Sender {
                         name: format!("{} (new account)", d.name),
                         keys: Vec::new(),
                         changed_to: Some(k.fingerprint()),
                     })
                 } else {
                     let c = Contact::new(&d.name, &k, now);
-                    notes.push(format!(
+                    note = Some(format!(
                         "first contact with {}: pinned key {} (compare it with {} out of band)",
                         d.name,
                         group_fingerprint(&k.fingerprint()),
@@ -684,11 +803,20 @@ impl App {
                         changed_to: None,
                     };
                     contacts.by_id.insert(id, c);
-                    Some(s)
+                    Ok(s)
                 }
             }
-            (None, _, _) => None,
+            (None, Some(Err(reason))) => Err(reason),
+            (None, None) => Err("its sender's account does not exist".into()),
         };
+        if let Some(note) = note {
+            // Recorded first, shown second: a pending key is always one the user was shown.
+            self.profile.save_contacts(contacts)?;
+            if !note.is_empty() {
+                self.out.warn(&note);
+                notes.push(note);
+            }
+        }
         cache.insert(id, sender.clone());
         Ok(sender)
     }
@@ -731,7 +859,7 @@ impl App {
                 return Ok(report);
             };
             if self.out.json {
-                println!("{report}");
+                println!("{}", json_line(&report));
             }
             std::thread::sleep(every);
         }
@@ -760,9 +888,11 @@ impl App {
 
         let mut report = Report::default();
         let mut cache = HashMap::new();
-        // Held messages first: the sender's key may have been accepted since.
-        for held in std::mem::take(&mut state.held) {
+        // Held messages first: the sender's key may have been accepted since. Each stays in
+        // `state.held` until it is shown or dropped, so the state saved at any point is whole.
+        for held in state.held.clone() {
             if held.message.expires_at <= now {
+                state.held.retain(|h| h.message.id != held.message.id);
                 report.drop(
                     &held.message,
                     "?",
@@ -789,9 +919,10 @@ impl App {
             let page = self.authed("reading the inbox", |api, t| {
                 api.messages(t, state.cursor, limit)
             })?;
-            let ids: Vec<Uuid> = page.messages.iter().map(|m| m.id).collect();
+            let received = page.messages.len();
             for m in page.messages {
-                state.cursor = Some(m.id);
+                // Each message is recorded (the cursor past it, its delivery to confirm, its id
+                // as seen) before it is shown: a failure later in the page shows nothing twice.
                 self.judge_one(
                     m,
                     acct.user_id,
@@ -806,20 +937,16 @@ impl App {
             }
             // Recorded first, confirmed second: a crash between the two confirms on the next run
             // and shows nothing twice.
-            state.unconfirmed = ids.clone();
             self.profile.save_contacts(&contacts)?;
             self.profile.save_inbox(&state)?;
-            if !ids.is_empty() {
-                self.confirm(&ids)?;
+            if !state.unconfirmed.is_empty() {
+                self.confirm(&state.unconfirmed)?;
                 state.unconfirmed.clear();
                 self.profile.save_inbox(&state)?;
             }
-            if !page.has_more || ids.is_empty() {
+            if !page.has_more || received == 0 {
                 break;
             }
-        }
-        for n in &report.notes {
-            self.out.warn(n);
         }
         if say_empty
             && report.shown.is_empty()
@@ -834,6 +961,8 @@ impl App {
         )
     }
 
+    /// Judges one message, records the outcome on disk, then shows it. `held_since`: a message
+    /// held by an earlier run (still in `state.held`); `None`: one of the page just received.
     #[allow(clippy::too_many_arguments)]
     fn judge_one(
         &self,
@@ -841,26 +970,55 @@ impl App {
         me: Uuid,
         my_keys: &[PrivateKey],
         contacts: &mut Contacts,
-        cache: &mut HashMap<Uuid, Option<Sender>>,
+        cache: &mut HashMap<Uuid, Result<Sender, String>>,
         state: &mut InboxState,
         report: &mut Report,
         now: DateTime<Utc>,
         held_since: Option<DateTime<Utc>>,
     ) -> Result<(), Error> {
-        let Some(sender) = self.sender(m.sender_id, contacts, cache, &mut report.notes, now)?
-        else {
-            report.drop(&m, "?", "its sender's account does not exist");
-            return Ok(());
+        let sender = self.sender(m.sender_id, contacts, cache, &mut report.notes, now)?;
+        let verdict = match &sender {
+            Ok(sender) => inbox::judge(&m, me, my_keys, sender, state, now),
+            Err(reason) => Verdict::Dropped {
+                reason: reason.clone(),
+            },
         };
-        match inbox::judge(&m, me, my_keys, &sender, state, now) {
+        let name = sender
+            .as_ref()
+            .map(|s| s.name.clone())
+            .unwrap_or_else(|_| "?".into());
+
+        // What is done with the message, on disk before anything about it is shown.
+        match (&verdict, held_since) {
+            (Verdict::Shown(pt), _) => inbox::remember(state, m.sender_id, pt, now),
+            (Verdict::Held { .. }, None) => state.held.push(Held {
+                held_at: now,
+                message: m.clone(),
+            }),
+            (Verdict::Held { .. }, Some(_)) => {}
+            (Verdict::Dropped { .. }, _) => {}
+        }
+        match held_since {
+            None => {
+                state.cursor = Some(m.id);
+                state.unconfirmed.push(m.id);
+            }
+            Some(_) if !matches!(verdict, Verdict::Held { .. }) => {
+                state.held.retain(|h| h.message.id != m.id);
+            }
+            Some(_) => {}
+        }
+        self.profile.save_inbox(state)?;
+
+        match verdict {
             Verdict::Shown(pt) => {
-                inbox::remember(state, m.sender_id, &pt, now);
+                let shown_name = escape_controls(&name);
                 let mut lines = pt.text.lines();
                 let first = lines.next().unwrap_or("");
                 self.out.say(&format!(
                     "{}  {}: {}",
                     human_time(pt.sent_at),
-                    sender.name,
+                    shown_name,
                     first
                 ));
                 for more in lines {
@@ -868,39 +1026,35 @@ impl App {
                         "{:width$}{}",
                         "",
                         more,
-                        width = 25 + sender.name.len()
+                        width = 25 + shown_name.chars().count()
                     ));
                 }
                 report
                     .shown
-                    .push(json!({"id": m.id, "message_id": pt.id, "from": sender.name,
+                    .push(json!({"id": m.id, "message_id": pt.id, "from": name,
                     "from_id": m.sender_id, "sent_at": rfc3339(pt.sent_at),
                     "received_at": rfc3339(m.timestamp), "text": pt.text}));
             }
             Verdict::Held { new_fingerprint } => {
+                let contact = name.trim_end_matches(" (new account)");
                 let line = format!(
                     "held message {} from {}: sealed with a key that is not pinned for {} (the \
                      directory now has {}); not opened. Compare it with {}, then `messenger trust {}` \
                      and `messenger inbox`",
                     m.id,
-                    sender.name,
-                    sender.name,
+                    name,
+                    name,
                     group_fingerprint(&new_fingerprint),
-                    sender.name,
-                    sender.name
+                    contact,
+                    contact
                 );
                 self.out.say(&line);
-                report.held.push(
-                    json!({"id": m.id, "from": sender.name, "from_id": m.sender_id,
-                    "new_fingerprint": new_fingerprint, "reason": line}),
-                );
-                state.held.push(Held {
-                    held_at: held_since.unwrap_or(now),
-                    message: m,
-                });
+                report
+                    .held
+                    .push(json!({"id": m.id, "from": name, "from_id": m.sender_id,
+                    "new_fingerprint": new_fingerprint, "reason": line}));
             }
             Verdict::Dropped { reason } => {
-                let name = sender.name.clone();
                 report.drop(&m, &name, &reason);
                 self.out.say(&format!(
                     "dropped message {} from {}: {}",
@@ -948,109 +1102,194 @@ impl App {
                 })
                 .collect();
             if let Some(p) = &c.pending {
+                let account = p
+                    .user_id
+                    .map(|other| format!(" for another account (id {other})"))
+                    .unwrap_or_default();
                 self.out.say(&format!(
-                    "    KEY CHANGED: the directory has {} (seen {}); `messenger trust {}` to accept it",
+                    "    KEY CHANGED: the directory has {}{account} (seen {}); `messenger trust {}` \
+                     accepts this key",
                     group_fingerprint(&p.fingerprint),
                     human_time(p.seen_at),
                     c.name
                 ));
             }
-            list.push(json!({"id": id, "name": c.name, "fingerprint": cur.fingerprint,
+            list.push(
+                json!({"id": id, "name": c.name, "fingerprint": cur.fingerprint,
                 "pinned_at": rfc3339(cur.pinned_at), "earlier": earlier,
-                "pending": c.pending.as_ref().map(|p| json!({"fingerprint": p.fingerprint, "seen_at": rfc3339(p.seen_at)}))}));
+                "pending": c.pending.as_ref().map(|p| json!({"fingerprint": p.fingerprint,
+                    "seen_at": rfc3339(p.seen_at), "user_id": p.user_id}))}),
+            );
         }
         Ok(json!({"contacts": list}))
     }
 
     // ---------------------------------------------------------------------------------- trust
 
+    /// Accepts a changed key for `name` (ENVELOPE.md "Trust"): the very key that was shown to the
+    /// user (the contact's pending key, recorded when `send`, `inbox` or `contacts` showed it), or
+    /// the key whose fingerprint the user typed. Never whatever the directory says at that moment:
+    /// a changed key in the directory that was not shown yet is shown and recorded now, and
+    /// accepted by the next `trust`. A name never pinned is pinned on first use, as `send` would.
     pub fn trust(&self, name: &str, expected: Option<&str>) -> Result<Value, Error> {
+        let expected = match expected {
+            None => None,
+            Some(typed) => {
+                let fp: String = typed
+                    .chars()
+                    .filter(|c| !c.is_whitespace())
+                    .collect::<String>()
+                    .to_lowercase();
+                if fp.len() != 64 || !fp.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(Error::Usage(
+                        "--fingerprint: 64 hex digits (spaces allowed), as `messenger contacts` \
+                         or `messenger whoami` shows them"
+                            .into(),
+                    ));
+                }
+                Some(fp)
+            }
+        };
         let _lock = self.profile.lock()?;
         self.account()?;
-        let dir = self.authed(&format!("looking up {name}"), |api, t| {
-            api.lookup_user(t, name)
-        })?;
-        let key = PublicKey::from_pem(&dir.public_key).map_err(|_| {
-            Error::Other(format!("{}'s published key is not an X25519 key", dir.name))
-        })?;
-        let fp = key.fingerprint();
-        if let Some(exp) = expected {
-            let exp: String = exp
-                .chars()
-                .filter(|c| !c.is_whitespace())
-                .collect::<String>()
-                .to_lowercase();
-            if exp != fp {
-                return Err(Error::KeyChanged(format!(
-                    "{}'s key in the directory is {}, not the fingerprint you gave; nothing changed",
-                    dir.name,
-                    group_fingerprint(&fp)
-                )));
-            }
-        }
         let now = Utc::now();
         let mut contacts = self.profile.contacts()?;
+        let pinned: Option<(Uuid, Contact)> =
+            contacts.find_name(name).map(|(id, c)| (id, c.clone()));
+        let shown = pinned.as_ref().and_then(|(id, c)| {
+            let p = c.pending.as_ref()?;
+            let wanted = expected.as_deref().is_none_or(|fp| fp == p.fingerprint);
+            wanted.then(|| {
+                (
+                    p.user_id.unwrap_or(*id),
+                    c.name.clone(),
+                    p.public_key.clone(),
+                )
+            })
+        });
+        let (id, shown_name, key) = match shown {
+            Some((id, shown_name, pem)) => {
+                let key = PublicKey::from_pem(&pem).map_err(|e| {
+                    Error::Other(format!(
+                        "the key shown for {shown_name} is refused ({e}); nothing was pinned"
+                    ))
+                })?;
+                (id, shown_name, key)
+            }
+            None => {
+                let dir = self.lookup_name(name, &contacts)?;
+                let key = PublicKey::from_pem(&dir.public_key).map_err(|e| {
+                    Error::Other(format!(
+                        "{}'s published key is refused ({e}); nothing was pinned",
+                        dir.name
+                    ))
+                })?;
+                let fp = key.fingerprint();
+                match (&expected, &pinned) {
+                    (Some(exp), _) if *exp != fp => {
+                        let pending = pinned
+                            .as_ref()
+                            .and_then(|(_, c)| c.pending.as_ref())
+                            .map(|p| {
+                                format!(
+                                    ", and the key shown earlier {}",
+                                    group_fingerprint(&p.fingerprint)
+                                )
+                            })
+                            .unwrap_or_default();
+                        return Err(Error::KeyChanged(format!(
+                            "{}'s key in the directory is {}{pending}, not the fingerprint you gave; \
+                             nothing changed",
+                            dir.name,
+                            group_fingerprint(&fp)
+                        )));
+                    }
+                    (None, Some((pid, c)))
+                        if *pid != dir.user_id || c.current().fingerprint != fp =>
+                    {
+                        // A change nobody was shown yet: show it and record it; accept nothing.
+                        let other = (*pid != dir.user_id).then_some(dir.user_id);
+                        if let Some(c) = contacts.by_id.get_mut(pid) {
+                            c.pending = Some(PendingKey::new(&key, other, now));
+                        }
+                        self.profile.save_contacts(&contacts)?;
+                        let whose = match other {
+                            Some(other) => format!(
+                                "the name {} now belongs to another account (id {other}, was {pid}), with key",
+                                dir.name
+                            ),
+                            None => format!("{}'s key in the directory is", dir.name),
+                        };
+                        return Err(Error::KeyChanged(format!(
+                            "{whose} {}, not the pinned {}; nothing changed. Compare it with {}, then \
+                             run `messenger trust {}` again to accept this key (or pass --fingerprint)",
+                            group_fingerprint(&fp),
+                            group_fingerprint(&c.current().fingerprint),
+                            dir.name,
+                            dir.name
+                        )));
+                    }
+                    _ => (dir.user_id, dir.name, key),
+                }
+            }
+        };
+        let fp = key.fingerprint();
         let previous = contacts
             .by_id
-            .get(&dir.user_id)
+            .get(&id)
             .map(|c| c.current().fingerprint.clone());
         // A contact of the same name under another id was a deleted account: forget it.
-        let stale: Vec<Uuid> = contacts
+        contacts
             .by_id
-            .iter()
-            .filter(|(id, c)| **id != dir.user_id && c.name.eq_ignore_ascii_case(&dir.name))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in &stale {
-            contacts.by_id.remove(id);
-        }
+            .retain(|cid, c| *cid == id || !c.name.eq_ignore_ascii_case(&shown_name));
         let held = self
             .profile
             .inbox()?
             .held
             .iter()
-            .filter(|h| h.message.sender_id == dir.user_id)
+            .filter(|h| h.message.sender_id == id)
             .count();
-        match contacts.by_id.get_mut(&dir.user_id) {
+        let say = match contacts.by_id.get_mut(&id) {
             Some(c) if c.current().fingerprint == fp => {
                 c.pending = None;
-                self.out.say(&format!(
+                format!(
                     "{}'s key {} is already the pinned one",
-                    dir.name,
+                    shown_name,
                     group_fingerprint(&fp)
-                ));
+                )
             }
             Some(c) => {
                 c.accept(&key, now);
-                self.out.say(&format!(
+                format!(
                     "{}: accepted the new key {} (was {}); messages sealed with the old key still \
                      open until {}",
-                    dir.name,
+                    shown_name,
                     group_fingerprint(&fp),
                     group_fingerprint(previous.as_deref().unwrap_or("")),
                     human_time(now + MESSAGE_TTL)
-                ));
+                )
             }
             None => {
                 contacts
                     .by_id
-                    .insert(dir.user_id, Contact::new(&dir.name, &key, now));
-                self.out.say(&format!(
-                    "{}: pinned key {}",
-                    dir.name,
+                    .insert(id, Contact::new(&shown_name, &key, now));
+                format!(
+                    "{}: pinned key {} (id {id})",
+                    shown_name,
                     group_fingerprint(&fp)
-                ));
+                )
             }
-        }
+        };
         self.profile.save_contacts(&contacts)?;
+        self.out.say(&say);
         if held > 0 {
             self.out.say(&format!(
                 "{held} held message(s) from {}: run `messenger inbox` to read them",
-                dir.name
+                shown_name
             ));
         }
         Ok(
-            json!({"name": dir.name, "id": dir.user_id, "fingerprint": fp, "previous": previous,
+            json!({"name": shown_name, "id": id, "fingerprint": fp, "previous": previous,
                   "held": held}),
         )
     }
@@ -1127,7 +1366,7 @@ impl App {
             }
             eprint!(
                 "This erases {} and every message to or from it. Type the name to confirm: ",
-                acct.name
+                escape_controls(&acct.name)
             );
             let mut line = String::new();
             std::io::stdin()
@@ -1137,7 +1376,10 @@ impl App {
                 return Err(Error::Usage("not confirmed; nothing was deleted".into()));
             }
         }
-        let pw = self.password(&format!("Password for {}: ", acct.name), false)?;
+        let pw = self.password(
+            &escape_controls(&format!("Password for {}: ", acct.name)),
+            false,
+        )?;
         self.authed("deleting the account", |api, t| api.delete_me(t, &pw))?;
         let name = self.profile.name.clone();
         let dir = self.profile.dir.display().to_string();

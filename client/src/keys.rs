@@ -27,6 +27,8 @@ pub enum KeyError {
     },
     #[error("not an X25519 key (the messenger uses X25519 keys only)")]
     NotX25519,
+    #[error("a small-order X25519 point (RFC 7748 section 6.1): no shared secret can come from it")]
+    SmallOrder,
 }
 
 /// An X25519 public key.
@@ -129,7 +131,9 @@ impl PublicKey {
             .expect("PEM encoding of 44 bytes")
     }
 
-    /// Parses the API's `public_key`; anything but one X25519 SPKI PEM block is refused.
+    /// Parses the API's `public_key`; anything but one X25519 SPKI PEM block is refused, and so
+    /// is a small-order point (API.md refuses it too): nothing can be sealed to it, and a key
+    /// the client could never use is never pinned.
     pub fn from_pem(pem: &str) -> Result<Self, KeyError> {
         let (label, der) = pem_rfc7468::decode_vec(pem.trim().as_bytes())
             .map_err(|e| KeyError::Pem(e.to_string()))?;
@@ -144,7 +148,21 @@ impl PublicKey {
         }
         let mut bytes = [0u8; 32];
         bytes.copy_from_slice(&der[12..]);
-        Ok(PublicKey(bytes))
+        let key = PublicKey(bytes);
+        if key.is_small_order() {
+            return Err(KeyError::SmallOrder);
+        }
+        Ok(key)
+    }
+
+    /// Whether this is a point of small order (all zeros among them): multiplied by any clamped
+    /// scalar (a multiple of the cofactor 8) it gives u = 0, the all-zero shared secret that
+    /// HPKE refuses. Catches every encoding, non-canonical ones too.
+    pub fn is_small_order(&self) -> bool {
+        curve25519_dalek::montgomery::MontgomeryPoint(self.0)
+            .mul_clamped([0x55; 32])
+            .to_bytes()
+            == [0; 32]
     }
 
     /// SHA-256 of the SPKI DER, 64 lowercase hex characters.
@@ -212,6 +230,52 @@ mod tests {
         let ed = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n-----END PUBLIC KEY-----\n";
         assert_eq!(PublicKey::from_pem(ed), Err(KeyError::NotX25519));
         assert!(PublicKey::from_pem("hello").is_err());
+    }
+
+    #[test]
+    fn small_order_points_are_refused() {
+        // RFC 7748 section 6.1's small-order points as libsodium lists them: 0, 1, the two points
+        // of order 8, p - 1, p and p + 1; each also with the (ignored) top bit set.
+        let p_minus = |d: u8| {
+            let mut b = [0xff; 32];
+            b[0] = 0xed - d;
+            b[31] = 0x7f;
+            b
+        };
+        let mut one = [0; 32];
+        one[0] = 1;
+        let order_8: [[u8; 32]; 2] = [
+            unhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800")
+                .unwrap()
+                .try_into()
+                .unwrap(),
+            unhex("5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157")
+                .unwrap()
+                .try_into()
+                .unwrap(),
+        ];
+        let mut all = vec![[0; 32], one, order_8[0], order_8[1], p_minus(1)];
+        let (p, p_plus_1) = (p_minus(0), {
+            let mut b = p_minus(0);
+            b[0] = 0xee;
+            b
+        });
+        all.extend([p, p_plus_1]);
+        for mut point in all.clone() {
+            point[31] |= 0x80;
+            all.push(point);
+        }
+        for point in all {
+            let key = PublicKey(point);
+            assert!(key.is_small_order(), "{}", hex(&point));
+            assert_eq!(
+                PublicKey::from_pem(&key.to_pem()),
+                Err(KeyError::SmallOrder)
+            );
+        }
+        let good = PrivateKey::generate().public_key();
+        assert!(!good.is_small_order());
+        assert_eq!(PublicKey::from_pem(&good.to_pem()), Ok(good));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `messenger`: the reference end-to-end client of the Secure Messenger API.
 
 use clap::{Parser, Subcommand};
-use messenger_client::app::{App, HELP_FOOTER, Output};
+use messenger_client::app::{App, HELP_FOOTER, Output, escape_controls, json_line};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -57,10 +57,12 @@ enum Command {
     },
     /// List pinned contacts and their key fingerprints
     Contacts,
-    /// Accept NAME's current key (after checking its fingerprint with them)
+    /// Accept the changed key shown for NAME (by send, inbox or contacts), after checking its
+    /// fingerprint with them
     Trust {
         name: String,
-        /// Accept only if the directory's key has this fingerprint (spaces allowed)
+        /// Accept the key with this fingerprint (spaces allowed): the one shown, or the directory's
+        /// if it has this fingerprint
         #[arg(long, value_name = "HEX")]
         fingerprint: Option<String>,
     },
@@ -94,7 +96,7 @@ fn main() -> ExitCode {
     match result {
         Ok(value) => {
             if cli.json {
-                println!("{value}");
+                println!("{}", json_line(&value));
             }
             ExitCode::SUCCESS
         }
@@ -102,10 +104,12 @@ fn main() -> ExitCode {
             if cli.json {
                 println!(
                     "{}",
-                    serde_json::json!({"error": e.to_string(), "exit_code": e.exit_code()})
+                    json_line(
+                        &serde_json::json!({"error": e.to_string(), "exit_code": e.exit_code()})
+                    )
                 );
             }
-            eprintln!("messenger: {e}");
+            eprintln!("messenger: {}", escape_controls(&e.to_string()));
             ExitCode::from(e.exit_code() as u8)
         }
     }

@@ -333,12 +333,29 @@ pub struct PinnedKey {
     pub replaced_at: Option<DateTime<Utc>>,
 }
 
-/// A key the directory returned for a contact that differs from the pinned one, not accepted.
+/// A key the directory returned for a contact that differs from the pinned one, not accepted:
+/// recorded when it is shown to the user, and the only key that `trust NAME` accepts (ENVELOPE.md
+/// "Trust": the very key that was shown, never whatever the directory says at that moment).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PendingKey {
     pub public_key: String,
     pub fingerprint: String,
     pub seen_at: DateTime<Utc>,
+    /// The account that now holds the contact's name, when it is not the pinned one (the name
+    /// was freed and taken again): accepting the key replaces the contact with that account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<Uuid>,
+}
+
+impl PendingKey {
+    pub fn new(key: &PublicKey, user_id: Option<Uuid>, now: DateTime<Utc>) -> Self {
+        PendingKey {
+            public_key: key.to_pem(),
+            fingerprint: key.fingerprint(),
+            seen_at: now,
+            user_id,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -441,6 +458,7 @@ pub struct InboxState {
     #[serde(default)]
     pub cursor: Option<Uuid>,
     /// `"<sender id>/<plaintext id>"` of every message shown, until it can no longer be replayed.
+    /// Written to disk before the message is shown (`app::inbox`), so that nothing is shown twice.
     #[serde(default)]
     pub seen: BTreeMap<String, DateTime<Utc>>,
     #[serde(default)]

@@ -1,0 +1,738 @@
+//! ENVELOPE.md "Trust" against a hostile server: a small HTTP server on the loopback that lies
+//! (another account's id or a look-alike name for `GET /users?name=`, a key swapped between the
+//! moment it is shown and `trust`, a 500 in the middle of an inbox page, control characters in
+//! names, texts and error messages, a small-order key), driving the real `messenger` binary.
+
+use base64::Engine as _;
+use chrono::{TimeDelta, Utc};
+use messenger_client::envelope::{self, Plaintext};
+use messenger_client::keys::{PrivateKey, PublicKey};
+use messenger_client::store::{Account, CachedToken, Contact, Contacts, Keyring, Profile};
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use uuid::Uuid;
+
+/// One request as the server read it.
+#[derive(Debug, Clone)]
+struct Request {
+    method: String,
+    /// The path without the query.
+    path: String,
+    body: String,
+}
+
+type Handler = dyn Fn(&Request) -> (u16, String) + Send + Sync;
+
+/// The scripted server: every request is logged, then answered by the test's handler.
+struct Server {
+    base: String,
+    log: Arc<Mutex<Vec<Request>>>,
+}
+
+impl Server {
+    fn start(handler: impl Fn(&Request) -> (u16, String) + Send + Sync + 'static) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let log: Arc<Mutex<Vec<Request>>> = Arc::default();
+        let handler: Arc<Handler> = Arc::new(handler);
+        let server_log = log.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let (log, handler) = (server_log.clone(), handler.clone());
+                std::thread::spawn(move || serve(stream, &log, &*handler));
+            }
+        });
+        Server { base, log }
+    }
+
+    fn requests(&self) -> Vec<Request> {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn posted_messages(&self) -> usize {
+        self.requests()
+            .iter()
+            .filter(|r| r.method == "POST" && r.path == "/messages")
+            .count()
+    }
+}
+
+fn serve(stream: TcpStream, log: &Mutex<Vec<Request>>, handler: &Handler) {
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = h.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                len = value.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0; len];
+        reader.read_exact(&mut body).unwrap();
+        let mut parts = line.split_whitespace();
+        let method = parts.next().unwrap_or("").to_string();
+        let target = parts.next().unwrap_or("");
+        let path = target.split_once('?').map_or(target, |(p, _)| p);
+        let req = Request {
+            method,
+            path: path.to_string(),
+            body: String::from_utf8_lossy(&body).into_owned(),
+        };
+        log.lock().unwrap().push(req.clone());
+        let (status, json) = handler(&req);
+        let resp = format!(
+            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{json}",
+            json.len()
+        );
+        if writer.write_all(resp.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+fn not_found() -> (u16, String) {
+    (
+        404,
+        json!({"error": "not_found", "message": "no such thing"}).to_string(),
+    )
+}
+
+fn directory(id: Uuid, name: &str, key: &PublicKey) -> (u16, String) {
+    (
+        200,
+        json!({"user_id": id, "name": name, "public_key": key.to_pem(),
+               "key_updated_at": null})
+        .to_string(),
+    )
+}
+
+fn created(to: Uuid) -> (u16, String) {
+    (
+        201,
+        json!({"id": Uuid::now_v7(), "sender_id": Uuid::now_v7(), "recipient_id": to,
+               "timestamp": Utc::now(), "expires_at": Utc::now() + TimeDelta::days(7)})
+        .to_string(),
+    )
+}
+
+/// A party of the conversation: an account id and its key.
+struct Party {
+    id: Uuid,
+    key: PrivateKey,
+}
+
+impl Party {
+    fn new() -> Party {
+        Party {
+            id: Uuid::now_v7(),
+            key: PrivateKey::generate(),
+        }
+    }
+    fn public(&self) -> PublicKey {
+        self.key.public_key()
+    }
+}
+
+/// Alice's profile (account, key, a cached token for `base`), in a fresh MESSENGER_HOME.
+struct Alice {
+    home: PathBuf,
+    me: Party,
+    base: String,
+}
+
+impl Alice {
+    fn new(server: &Server) -> Alice {
+        let home = std::env::temp_dir().join(format!("messenger-hostile-{}", Uuid::now_v7()));
+        let me = Party::new();
+        let profile = Profile::at(&home, "alice").unwrap();
+        let _lock = profile.lock().unwrap();
+        profile.save_keyring(&Keyring::new(&me.key)).unwrap();
+        profile
+            .save_account(&Account {
+                api: server.base.clone(),
+                name: "alice".into(),
+                user_id: me.id,
+                registered_at: Utc::now(),
+            })
+            .unwrap();
+        profile
+            .save_token(&CachedToken {
+                access_token: "a-token".into(),
+                expires_at: Utc::now() + TimeDelta::minutes(10),
+                api: server.base.clone(),
+            })
+            .unwrap();
+        Alice {
+            home,
+            me,
+            base: server.base.clone(),
+        }
+    }
+
+    fn profile(&self) -> Profile {
+        Profile::at(&self.home, "alice").unwrap()
+    }
+
+    fn pin(&self, name: &str, who: &Party) {
+        let p = self.profile();
+        let _lock = p.lock().unwrap();
+        let mut contacts = p.contacts().unwrap();
+        contacts
+            .by_id
+            .insert(who.id, Contact::new(name, &who.public(), Utc::now()));
+        p.save_contacts(&contacts).unwrap();
+    }
+
+    fn contacts(&self) -> Contacts {
+        self.profile().contacts().unwrap()
+    }
+
+    /// The pinned fingerprint of the contact `id`, if any.
+    fn pinned(&self, id: Uuid) -> Option<String> {
+        self.contacts()
+            .by_id
+            .get(&id)
+            .map(|c| c.current().fingerprint.clone())
+    }
+
+    /// Runs `messenger --profile alice --api BASE ARGS...` with no terminal and no password.
+    fn run(&self, args: &[&str]) -> Run {
+        let out = Command::new(env!("CARGO_BIN_EXE_messenger"))
+            .args(["--profile", "alice", "--api", &self.base])
+            .args(args)
+            .env("MESSENGER_HOME", &self.home)
+            .env_remove("MESSENGER_PASSWORD")
+            .env_remove("MESSENGER_PROFILE")
+            .env_remove("MESSENGER_API")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        Run::from(out)
+    }
+
+    /// A message from `from` to Alice as `GET /messages` lists it.
+    fn message_from(&self, from: &Party, text: &str) -> Value {
+        let sealed = envelope::seal(
+            &Plaintext::new(text),
+            from.id,
+            &from.key,
+            self.me.id,
+            &self.me.public(),
+        );
+        json!({"id": Uuid::now_v7(), "sender_id": from.id, "recipient_id": self.me.id,
+               "encrypted_data": base64::engine::general_purpose::STANDARD.encode(sealed),
+               "timestamp": Utc::now(), "expires_at": Utc::now() + TimeDelta::days(7)})
+    }
+}
+
+impl Drop for Alice {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.home);
+    }
+}
+
+#[derive(Debug)]
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Run {
+        Run {
+            code: o.status.code(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+/// The exit status of a key change (`messenger --help`).
+const KEY_CHANGED: Option<i32> = Some(5);
+
+fn grouped(fp: &str) -> String {
+    messenger_client::keys::group_fingerprint(fp)
+}
+
+// ------------------------------------------------------------------------------ 1: send
+
+#[test]
+fn send_refuses_a_look_alike_name_for_a_pinned_contact_and_sends_nothing() {
+    let (bob, mallory) = (Party::new(), Party::new());
+    let mallory_key = mallory.public();
+    let server = Server::start(move |r| match (r.method.as_str(), r.path.as_str()) {
+        // "bоb", with a Cyrillic о, and Mallory's id and key.
+        ("GET", "/users") => directory(mallory.id, "b\u{43e}b", &mallory_key),
+        ("POST", "/messages") => created(mallory.id),
+        _ => not_found(),
+    });
+    let alice = Alice::new(&server);
+    alice.pin("bob", &bob);
+    let before = alice.contacts();
+
+    let run = alice.run(&["send", "bob", "the secret"]);
+    assert_eq!(run.code, KEY_CHANGED, "{run:?}");
+    assert_eq!(server.posted_messages(), 0, "nothing may be sent: {run:?}");
+    assert_eq!(alice.contacts().by_id, before.by_id, "nothing pinned");
+    assert!(run.stderr.contains("Nothing was sent"), "{run:?}");
+}
+
+#[test]
+fn send_refuses_a_first_contact_answer_that_names_someone_else() {
+    let mallory = Party::new();
+    let mallory_key = mallory.public();
+    let server = Server::start(move |r| match (r.method.as_str(), r.path.as_str()) {
+        ("GET", "/users") => directory(mallory.id, "mallory", &mallory_key),
+        ("POST", "/messages") => created(mallory.id),
+        _ => not_found(),
+    });
+    let alice = Alice::new(&server);
+
+    let run = alice.run(&["send", "carol", "hello carol"]);
+    assert_eq!(run.code, KEY_CHANGED, "{run:?}");
+    assert_eq!(server.posted_messages(), 0, "{run:?}");
+    assert!(alice.contacts().by_id.is_empty(), "nothing pinned");
+}
+
+#[test]
+fn send_accepts_the_asked_name_in_another_case() {
+    let bob = Party::new();
+    let (bob_id, bob_key) = (bob.id, bob.public());
+    let server = Server::start(move |r| match (r.method.as_str(), r.path.as_str()) {
+        ("GET", "/users") => directory(bob_id, "Bob", &bob_key),
+        ("POST", "/messages") => created(bob_id),
+        _ => not_found(),
+    });
+    let alice = Alice::new(&server);
+    alice.pin("Bob", &bob);
+    let run = alice.run(&["send", "bOB", "hi"]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(server.posted_messages(), 1);
+}
+
+#[test]
+fn send_refuses_an_answer_that_gives_a_pinned_name_another_pinned_contacts_id() {
+    let (bob, mallory) = (Party::new(), Party::new());
+    let (mallory_id, mallory_key) = (mallory.id, mallory.public());
+    let server = Server::start(move |r| match (r.method.as_str(), r.path.as_str()) {
+        // Mallory is a contact too: her id and her (pinned) key, under Bob's name.
+        ("GET", "/users") => directory(mallory_id, "bob", &mallory_key),
+        ("POST", "/messages") => created(mallory_id),
+        _ => not_found(),
+    });
+    let alice = Alice::new(&server);
+    alice.pin("bob", &bob);
+    alice.pin("mallory", &mallory);
+    let before = alice.contacts();
+
+    let run = alice.run(&["send", "bob", "the secret"]);
+    assert_eq!(run.code, KEY_CHANGED, "{run:?}");
+    assert_eq!(server.posted_messages(), 0, "{run:?}");
+    assert_eq!(alice.contacts().by_id.len(), before.by_id.len());
+    assert_eq!(
+        alice.pinned(bob.id),
+        before
+            .by_id
+            .get(&bob.id)
+            .map(|c| c.current().fingerprint.clone())
+    );
+}
+
+#[test]
+fn send_to_a_pinned_contact_whose_key_changed_sends_nothing_and_names_both_keys() {
+    let (bob, bob_new) = (Party::new(), PrivateKey::generate().public_key());
+    let bob_id = bob.id;
+    let server = Server::start(move |r| match (r.method.as_str(), r.path.as_str()) {
+        ("GET", "/users") => directory(bob_id, "bob", &bob_new),
+        ("POST", "/messages") => created(bob_id),
+        _ => not_found(),
+    });
+    let alice = Alice::new(&server);
+    alice.pin("bob", &bob);
+
+    let run = alice.run(&["send", "bob", "the secret"]);
+    assert_eq!(run.code, KEY_CHANGED, "{run:?}");
+    assert_eq!(server.posted_messages(), 0);
+    assert!(
+        run.stderr.contains(&grouped(&bob.public().fingerprint())),
+        "{run:?}"
+    );
+    assert!(
+        run.stderr.contains(&grouped(&bob_new.fingerprint())),
+        "{run:?}"
+    );
+    assert!(run.stderr.contains("messenger trust bob"), "{run:?}");
+    assert_eq!(alice.pinned(bob.id), Some(bob.public().fingerprint()));
+}
+
+#[test]
+fn a_name_taken_by_another_account_is_refused_until_trust_accepts_the_account_shown() {
+    let (old_bob, new_bob) = (Party::new(), Party::new());
+    let (new_id, new_key) = (new_bob.id, new_bob.public());
+    let server = Server::start(move |r| match (r.method.as_str(), r.path.as_str()) {
+        ("GET", "/users") => directory(new_id, "bob", &new_key),
+        ("POST", "/messages") => created(new_id),
+        _ => not_found(),
+    });
+    let alice = Alice::new(&server);
+    alice.pin("bob", &old_bob);
+
+    let run = alice.run(&["send", "bob", "hi"]);
+    assert_eq!(run.code, KEY_CHANGED, "{run:?}");
+    assert!(
+        run.stderr.contains(&grouped(&new_key.fingerprint())),
+        "{run:?}"
+    );
+    assert_eq!(server.posted_messages(), 0);
+
+    let run = alice.run(&["trust", "bob"]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(
+        alice.pinned(old_bob.id),
+        None,
+        "the deleted account is forgotten"
+    );
+    assert_eq!(alice.pinned(new_id), Some(new_key.fingerprint()));
+    let run = alice.run(&["send", "bob", "hi"]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let posted = server
+        .requests()
+        .into_iter()
+        .find(|r| r.path == "/messages")
+        .unwrap();
+    assert!(posted.body.contains(&new_id.to_string()), "{posted:?}");
+}
+
+// ------------------------------------------------------------------------------ 2: trust
+
+/// Bob is pinned with his first key; the directory shows `shown` until `swap` is set, then
+/// `swapped`.
+fn swapping_server(bob: Uuid, shown: PublicKey, swapped: PublicKey) -> (Server, Arc<AtomicUsize>) {
+    let swap = Arc::new(AtomicUsize::new(0));
+    let phase = swap.clone();
+    let server = Server::start(move |r| match (r.method.as_str(), r.path.as_str()) {
+        ("GET", "/users") if phase.load(Ordering::SeqCst) == 0 => directory(bob, "bob", &shown),
+        ("GET", "/users") => directory(bob, "bob", &swapped),
+        ("POST", "/messages") => created(bob),
+        _ => not_found(),
+    });
+    (server, swap)
+}
+
+#[test]
+fn trust_accepts_the_key_that_was_shown_not_the_one_the_directory_swaps_in() {
+    let bob = Party::new();
+    let (shown, swapped) = (
+        PrivateKey::generate().public_key(),
+        PrivateKey::generate().public_key(),
+    );
+    let (server, swap) = swapping_server(bob.id, shown, swapped);
+    let alice = Alice::new(&server);
+    alice.pin("bob", &bob);
+
+    let run = alice.run(&["send", "bob", "hi"]);
+    assert_eq!(run.code, KEY_CHANGED, "{run:?}");
+    assert!(
+        run.stderr.contains(&grouped(&shown.fingerprint())),
+        "{run:?}"
+    );
+
+    swap.store(1, Ordering::SeqCst);
+    let run = alice.run(&["trust", "bob"]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(
+        alice.pinned(bob.id),
+        Some(shown.fingerprint()),
+        "the key shown is accepted, not the one the directory returns now: {run:?}"
+    );
+    // The swapped key is then a change of its own: sending refuses it.
+    let run = alice.run(&["send", "bob", "hi"]);
+    assert_eq!(run.code, KEY_CHANGED, "{run:?}");
+    assert_eq!(server.posted_messages(), 0);
+}
+
+#[test]
+fn trust_with_a_typed_fingerprint_accepts_that_key_and_no_other() {
+    let bob = Party::new();
+    let (shown, swapped) = (
+        PrivateKey::generate().public_key(),
+        PrivateKey::generate().public_key(),
+    );
+    let (server, swap) = swapping_server(bob.id, shown, swapped);
+    let alice = Alice::new(&server);
+    alice.pin("bob", &bob);
+    assert_eq!(alice.run(&["send", "bob", "hi"]).code, KEY_CHANGED);
+    swap.store(1, Ordering::SeqCst);
+
+    // A fingerprint that is neither the one shown nor the directory's changes nothing.
+    let other = PrivateKey::generate().public_key().fingerprint();
+    let run = alice.run(&["trust", "bob", "--fingerprint", &other]);
+    assert_eq!(run.code, KEY_CHANGED, "{run:?}");
+    assert_eq!(alice.pinned(bob.id), Some(bob.public().fingerprint()));
+
+    // The one shown, typed in groups as people read it, while the directory has swapped it.
+    let run = alice.run(&[
+        "trust",
+        "bob",
+        "--fingerprint",
+        &grouped(&shown.fingerprint()),
+    ]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(alice.pinned(bob.id), Some(shown.fingerprint()));
+
+    // The directory's key, when it is the one the user typed.
+    let run = alice.run(&["trust", "bob", "--fingerprint", &swapped.fingerprint()]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(alice.pinned(bob.id), Some(swapped.fingerprint()));
+}
+
+#[test]
+fn trust_with_no_key_shown_yet_pins_nothing_and_shows_the_key() {
+    let bob = Party::new();
+    let new = PrivateKey::generate().public_key();
+    let (server, _swap) = swapping_server(bob.id, new, new);
+    let alice = Alice::new(&server);
+    alice.pin("bob", &bob);
+
+    let run = alice.run(&["trust", "bob"]);
+    assert_eq!(run.code, KEY_CHANGED, "{run:?}");
+    assert_eq!(
+        alice.pinned(bob.id),
+        Some(bob.public().fingerprint()),
+        "a key never shown is not accepted: {run:?}"
+    );
+    assert!(run.stderr.contains(&grouped(&new.fingerprint())), "{run:?}");
+    // Now it was shown: accepting it is explicit.
+    let run = alice.run(&["trust", "bob"]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(alice.pinned(bob.id), Some(new.fingerprint()));
+}
+
+// ------------------------------------------------------------------------------ 3: inbox
+
+#[test]
+fn a_message_shown_before_a_failure_later_in_its_page_is_never_shown_again() {
+    let (bob, carol) = (Party::new(), Party::new());
+    let carol_fails = Arc::new(AtomicUsize::new(1));
+    let page: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let (bob_id, bob_key, carol_id, carol_key) = (bob.id, bob.public(), carol.id, carol.public());
+    let (fails, messages) = (carol_fails.clone(), page.clone());
+    let server = Server::start(move |r| match (r.method.as_str(), r.path.as_str()) {
+        // The page is served whole every time, whatever `after` says.
+        ("GET", "/messages") => (
+            200,
+            json!({"messages": *messages.lock().unwrap(), "has_more": false}).to_string(),
+        ),
+        ("GET", p) if p == format!("/public-key/{bob_id}") => directory(bob_id, "bob", &bob_key),
+        ("GET", p) if p == format!("/public-key/{carol_id}") => {
+            if fails.load(Ordering::SeqCst) == 1 {
+                (
+                    500,
+                    json!({"error": "internal", "message": "boom"}).to_string(),
+                )
+            } else {
+                directory(carol_id, "carol", &carol_key)
+            }
+        }
+        ("POST", "/messages/delivered") => {
+            let ids = serde_json::from_str::<Value>(&r.body).unwrap()["ids"].clone();
+            (
+                200,
+                json!({"confirmed": ids.as_array().unwrap().len(), "not_found": []}).to_string(),
+            )
+        }
+        _ => not_found(),
+    });
+    let alice = Alice::new(&server);
+    let from_bob = alice.message_from(&bob, "meet at noon");
+    let from_carol = alice.message_from(&carol, "hello from carol");
+    *page.lock().unwrap() = vec![from_bob.clone(), from_carol];
+
+    let first = alice.run(&["inbox"]);
+    assert_eq!(first.code, Some(6), "carol's key lookup fails: {first:?}");
+    assert!(first.stdout.contains("meet at noon"), "{first:?}");
+    let second = alice.run(&["inbox"]);
+    assert_eq!(second.code, Some(6), "{second:?}");
+    assert!(
+        !second.stdout.contains("meet at noon"),
+        "shown once only, though the page failed after it: {second:?}"
+    );
+
+    carol_fails.store(0, Ordering::SeqCst);
+    let third = alice.run(&["--json", "inbox"]);
+    assert_eq!(third.code, Some(0), "{third:?}");
+    let report: Value = serde_json::from_str(&third.stdout).unwrap();
+    let texts: Vec<&str> = report["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["hello from carol"], "{third:?}");
+    // Bob's message, shown by the first run, was confirmed to the server after all.
+    let confirmed: Vec<String> = server
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/messages/delivered")
+        .flat_map(|r| {
+            serde_json::from_str::<Value>(&r.body).unwrap()["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(
+        confirmed.contains(&from_bob["id"].as_str().unwrap().to_string()),
+        "{confirmed:?}"
+    );
+}
+
+// ------------------------------------------------------------------------------ 4: terminal
+
+fn assert_no_raw_controls(run: &Run) {
+    for (what, s) in [("stdout", &run.stdout), ("stderr", &run.stderr)] {
+        for c in ['\u{1b}', '\r', '\u{7}', '\u{8}', '\u{9b}', '\u{202e}'] {
+            assert!(!s.contains(c), "{what} holds {c:?} raw: {run:?}");
+        }
+    }
+}
+
+#[test]
+fn names_and_texts_from_a_sender_are_shown_with_control_characters_escaped() {
+    let eve = Party::new();
+    let (eve_id, eve_key) = (eve.id, eve.public());
+    let page: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let messages = page.clone();
+    let server = Server::start(move |r| match (r.method.as_str(), r.path.as_str()) {
+        ("GET", "/messages") => (
+            200,
+            json!({"messages": *messages.lock().unwrap(), "has_more": false}).to_string(),
+        ),
+        ("GET", p) if p == format!("/public-key/{eve_id}") => {
+            directory(eve_id, "eve\u{1b}[8m\u{202e}", &eve_key)
+        }
+        ("POST", "/messages/delivered") => {
+            (200, json!({"confirmed": 1, "not_found": []}).to_string())
+        }
+        _ => not_found(),
+    });
+    let alice = Alice::new(&server);
+    let forged = "\r\u{1b}[2K2026-01-01 00:00:00 UTC  alice: send the code to eve\u{7}\u{8}\u{9b}";
+    *page.lock().unwrap() = vec![alice.message_from(&eve, forged)];
+
+    let run = alice.run(&["inbox"]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_no_raw_controls(&run);
+    assert!(run.stdout.contains("\\u{1b}[2K2026-01-01"), "{run:?}");
+    assert!(run.stdout.contains("eve\\u{1b}[8m\\u{202e}: "), "{run:?}");
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "one message, one line: {run:?}");
+
+    // The JSON result keeps the text as it was written (JSON escapes it).
+    *page.lock().unwrap() = vec![alice.message_from(&eve, forged)];
+    let run = alice.run(&["--json", "inbox"]);
+    assert_no_raw_controls(&run);
+    let report: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(report["messages"][0]["text"], forged, "{run:?}");
+}
+
+#[test]
+fn an_error_message_from_the_server_is_shown_with_control_characters_escaped() {
+    let server = Server::start(move |r| match (r.method.as_str(), r.path.as_str()) {
+        ("GET", "/users") => (
+            404,
+            json!({"error": "not_found",
+                   "message": "no such user\r\u{1b}[2Kmessenger: sent to bob (message 1)"})
+            .to_string(),
+        ),
+        _ => not_found(),
+    });
+    let alice = Alice::new(&server);
+    let run = alice.run(&["send", "bob", "hi"]);
+    assert_eq!(run.code, Some(4), "{run:?}");
+    assert_no_raw_controls(&run);
+    assert!(run.stderr.contains("\\u{d}\\u{1b}[2K"), "{run:?}");
+}
+
+// ------------------------------------------------------------------------------ 5: small order
+
+#[test]
+fn a_small_order_key_is_a_clear_error_never_a_panic_and_is_never_pinned() {
+    let bob_id = Uuid::now_v7();
+    let zero = PublicKey([0; 32]);
+    let server = Server::start(move |r| match (r.method.as_str(), r.path.as_str()) {
+        ("GET", "/users") => directory(bob_id, "bob", &zero),
+        ("POST", "/messages") => created(bob_id),
+        _ => not_found(),
+    });
+    let alice = Alice::new(&server);
+
+    let run = alice.run(&["send", "bob", "hi"]);
+    assert_eq!(
+        run.code,
+        Some(1),
+        "a clear error, not a panic (101): {run:?}"
+    );
+    assert!(run.stderr.contains("small-order"), "{run:?}");
+    assert!(!run.stderr.contains("panicked"), "{run:?}");
+    assert_eq!(server.posted_messages(), 0);
+    assert!(alice.contacts().by_id.is_empty(), "not pinned");
+
+    let run = alice.run(&["trust", "bob", "--fingerprint", &zero.fingerprint()]);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stderr.contains("small-order"), "{run:?}");
+    assert!(alice.contacts().by_id.is_empty(), "not pinned");
+}
+
+#[test]
+fn a_message_from_a_sender_with_a_small_order_key_is_dropped_and_the_key_not_pinned() {
+    let eve = Party::new();
+    let eve_id = eve.id;
+    let page: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let messages = page.clone();
+    let server = Server::start(move |r| match (r.method.as_str(), r.path.as_str()) {
+        ("GET", "/messages") => (
+            200,
+            json!({"messages": *messages.lock().unwrap(), "has_more": false}).to_string(),
+        ),
+        ("GET", p) if p == format!("/public-key/{eve_id}") => {
+            directory(eve_id, "eve", &PublicKey([0; 32]))
+        }
+        ("POST", "/messages/delivered") => {
+            (200, json!({"confirmed": 1, "not_found": []}).to_string())
+        }
+        _ => not_found(),
+    });
+    let alice = Alice::new(&server);
+    *page.lock().unwrap() = vec![alice.message_from(&eve, "hi")];
+    let run = alice.run(&["--json", "inbox"]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let report: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(report["messages"].as_array().unwrap().len(), 0, "{run:?}");
+    let reason = report["dropped"][0]["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("small-order"), "{run:?}");
+    assert!(alice.contacts().by_id.is_empty(), "not pinned");
+}
