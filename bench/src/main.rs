@@ -15,13 +15,16 @@
 //!    the API calls and dollars per million delivered messages.
 //! 8. /metrics at 10 and 1,000,000 messages (BENCH_METRICS_ROWS), now and before; it empties
 //!    `messages`, so it runs last.
+//! 9. At a deployment's latency: every endpoint through a proxy that adds a set delay each way
+//!    (BENCH_RTT_US, default 1000: 1 ms round trip) and counts round trips and statements; the
+//!    warm p50 against the floor, statements x RTT (latency.rs).
 //!
 //! `bench soak` (make soak) is the soak run instead: see soak.rs.
 //!
 //! Environment: DATABASE_URL (else `scripts/database-url.sh messenger_bench`; the database's
 //! name must contain "bench", since the bench empties its tables), BCRYPT_COST (default 12),
 //! BENCH_ITERATIONS (2000), BENCH_COLD_RUNS (20), BENCH_WARM_INVOCATIONS (1000),
-//! BENCH_BCRYPT_RUNS (10). For experiments: BENCH_PHASES (default "12345678"), BENCH_FUNCTIONS (e.g.
+//! BENCH_BCRYPT_RUNS (10). For experiments: BENCH_PHASES (default "123456789"), BENCH_FUNCTIONS (e.g.
 //! "me,health"), BENCH_BIN_DIR (another build's binaries), BENCH_FUNCTION_ENV ("K=V,K=V" added
 //! to the functions' environment). The binaries are read from the directory of this executable
 //! (target/release after `cargo build --release --bins`).
@@ -36,6 +39,7 @@ mod delivery;
 mod fixture;
 mod footprint;
 mod handler_cost;
+mod latency;
 mod machine;
 mod metrics_scale;
 mod report;
@@ -74,7 +78,7 @@ pub(crate) struct Settings {
     pub(crate) warm_invocations: usize,
     pub(crate) bcrypt_runs: usize,
     pub(crate) bin_dir: PathBuf,
-    /// Which parts to run ("12345678" by default) and, for 2 and 3, which functions.
+    /// Which parts to run ("123456789" by default) and, for 2 and 3, which functions.
     pub(crate) phases: String,
     pub(crate) only: Option<Vec<String>>,
 }
@@ -124,7 +128,7 @@ impl Settings {
             warm_invocations: env_number("BENCH_WARM_INVOCATIONS", 1000).max(2),
             bcrypt_runs: env_number("BENCH_BCRYPT_RUNS", 10).max(1),
             bin_dir,
-            phases: std::env::var("BENCH_PHASES").unwrap_or_else(|_| "12345678".into()),
+            phases: std::env::var("BENCH_PHASES").unwrap_or_else(|_| "123456789".into()),
             only: std::env::var("BENCH_FUNCTIONS")
                 .ok()
                 .filter(|v| !v.trim().is_empty())
@@ -218,6 +222,10 @@ async fn main() {
     }
     if settings.phase('7') {
         delivery::phase7(&settings, state, state4, &fx).await;
+    }
+    // Before 8, which empties `messages` (the confirm case needs its message).
+    if settings.phase('9') {
+        latency::phase9(&settings, &fx).await;
     }
     if settings.phase('8') {
         metrics_scale::phase8(&settings, state, &fx).await;

@@ -14,6 +14,7 @@ mod guarantees;
 mod messaging;
 mod operations;
 mod prekeys;
+mod protocol;
 mod queries;
 mod rotation;
 mod support;

@@ -165,6 +165,17 @@ pub trait Connection: Send {
     #[doc(hidden)]
     fn should_flush(&self) -> bool;
 
+    /// Whether the connection is known to be idle and clean: every response it asked for has
+    /// been read, nothing is waiting to be written, and it is not inside a transaction.
+    ///
+    /// The pool skips its test (`ping`) when such a connection is released: the test would
+    /// only cost a round trip. Drivers that cannot tell return `false` (the default), and
+    /// their connections are tested on every release as before.
+    #[doc(hidden)]
+    fn is_idle(&self) -> bool {
+        false
+    }
+
     /// Establish a new database connection.
     ///
     /// A value of [`Options`][Self::Options] is parsed from the provided connection string. This parsing

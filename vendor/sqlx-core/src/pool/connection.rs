@@ -311,7 +311,14 @@ impl<DB: Database> Floating<DB, Live<DB>> {
         // returned to the pool; also of course, if it was dropped due to an error
         // this is simply a band-aid as SQLx-next connections should be able
         // to recover from cancellations
-        if let Err(error) = self.raw.ping().await {
+        //
+        // A connection that knows it is idle and clean (all responses read, nothing to write,
+        // no transaction) has nothing to flush, and a ping would only cost a round trip: a
+        // broken one is found by its next use instead, as with `test_before_acquire(false)`.
+        if self.raw.is_idle() {
+            self.release();
+            true
+        } else if let Err(error) = self.raw.ping().await {
             tracing::warn!(
                 %error,
                 "error occurred while testing the connection on-release",
