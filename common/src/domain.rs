@@ -231,10 +231,14 @@ fn key_kind(der: &[u8]) -> Option<KeyKind> {
     let spki = SubjectPublicKeyInfoRef::try_from(der).ok()?;
     let algorithm = spki.algorithm.oid;
     if algorithm == OID_RSA {
-        use rsa::traits::PublicKeyParts;
-        let key = rsa::PublicKey::from_public_key_der(der).ok()?;
-        let bits = key.n().bit_width_vartime() as usize;
-        return (bits >= 2048).then_some(KeyKind::Rsa { bits });
+        // rsaEncryption's parameters are NULL (RFC 8017 appendix C).
+        if !spki.algorithm.parameters.is_some_and(|p| p.is_null()) {
+            return None;
+        }
+        let bits = rsa_modulus_bits(spki.subject_public_key.as_bytes()?)?;
+        return (2048..=8192)
+            .contains(&bits)
+            .then_some(KeyKind::Rsa { bits });
     }
     if algorithm == OID_EC {
         let curve: ObjectIdentifier = spki.algorithm.parameters_oid().ok()?;
@@ -261,6 +265,35 @@ fn key_kind(der: &[u8]) -> Option<KeyKind> {
         return (spki.algorithm.parameters.is_none() && raw.len() == 32).then_some(KeyKind::X25519);
     }
     None
+}
+
+/// The bit length of the modulus of a PKCS #1 `RSAPublicKey` (RFC 8017 appendix A.1.1:
+/// `SEQUENCE { modulus INTEGER, publicExponent INTEGER }`, DER, nothing after it), when the key is
+/// well formed: an odd modulus, and an odd exponent from 3 to 2^33 - 1 (the bounds of the `rsa`
+/// crate and ring; a larger one makes verification a denial of service). The directory only
+/// stores the key, so its size is all that is checked; no RSA arithmetic runs here (and the `rsa`
+/// crate, RUSTSEC-2023-0071, is not linked).
+fn rsa_modulus_bits(pkcs1: &[u8]) -> Option<usize> {
+    use spki::der::asn1::UintRef;
+    use spki::der::{Reader as _, SliceReader};
+
+    let mut reader = SliceReader::new(pkcs1).ok()?;
+    let (modulus, exponent) = reader
+        .sequence(|r| Ok::<_, spki::der::Error>((r.decode::<UintRef>()?, r.decode::<UintRef>()?)))
+        .ok()?;
+    reader.finish().ok()?;
+    // UintRef strips the sign byte: the first byte is non-zero unless the value is 0.
+    let (modulus, exponent) = (modulus.as_bytes(), exponent.as_bytes());
+    let &first = modulus.first()?;
+    let bits = modulus.len() * 8 - first.leading_zeros() as usize;
+    let exponent = (exponent.len() <= 8).then(|| {
+        exponent
+            .iter()
+            .fold(0u64, |value, &byte| (value << 8) | u64::from(byte))
+    })?;
+    let odd_modulus = modulus.last()? & 1 == 1;
+    let sane_exponent = exponent & 1 == 1 && (3..=(1 << 33) - 1).contains(&exponent);
+    (odd_modulus && sane_exponent).then_some(bits)
 }
 
 /// Whether a raw X25519 public key is a point of small order (RFC 7748 section 6.1: the all-zero
@@ -505,6 +538,91 @@ mod tests {
             PublicKeyPem::parse(&crlf).unwrap().as_str(),
             key("p256.pem")
         );
+    }
+
+    /// A `PUBLIC KEY` PEM of an RSA key with modulus `n` and exponent `e` (big-endian, no sign
+    /// byte), with rsaEncryption's NULL parameters or none, and `extra` after the RSAPublicKey.
+    fn rsa_pem(n: &[u8], e: &[u8], null_parameters: bool, extra: &[u8]) -> String {
+        fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+            let len = content.len();
+            let mut out = vec![tag];
+            match len {
+                0..0x80 => out.push(len as u8),
+                0x80..0x100 => out.extend([0x81, len as u8]),
+                _ => out.extend([0x82, (len >> 8) as u8, len as u8]),
+            }
+            out.extend_from_slice(content);
+            out
+        }
+        fn uint(bytes: &[u8]) -> Vec<u8> {
+            let sign = if bytes[0] & 0x80 != 0 {
+                &[0u8][..]
+            } else {
+                &[]
+            };
+            tlv(0x02, &[sign, bytes].concat())
+        }
+        let rsa_public_key = [tlv(0x30, &[uint(n), uint(e)].concat()), extra.to_vec()].concat();
+        let oid = tlv(
+            0x06,
+            &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01],
+        );
+        let parameters: &[u8] = if null_parameters { &[0x05, 0x00] } else { &[] };
+        let algorithm = tlv(0x30, &[oid, parameters.to_vec()].concat());
+        let key = tlv(0x03, &[&[0u8][..], &rsa_public_key].concat());
+        let der = tlv(0x30, &[algorithm, key].concat());
+        pem_rfc7468::encode_string("PUBLIC KEY", pem_rfc7468::LineEnding::LF, &der).unwrap()
+    }
+
+    /// A modulus of exactly `bits` bits, odd unless `even`.
+    fn modulus(bits: usize, even: bool) -> Vec<u8> {
+        let mut n = vec![0u8; bits.div_ceil(8)];
+        n[0] = 1 << ((bits - 1) % 8);
+        *n.last_mut().unwrap() |= u8::from(!even);
+        n
+    }
+
+    #[test]
+    fn rsa_public_keys_are_parsed_and_bounded() {
+        let f4 = [0x01, 0x00, 0x01];
+        let accepted = [
+            (rsa_pem(&modulus(2048, false), &f4, true, &[]), 2048),
+            (rsa_pem(&modulus(8192, false), &f4, true, &[]), 8192),
+            (rsa_pem(&modulus(4095, false), &[3], true, &[]), 4095),
+            (
+                rsa_pem(
+                    &modulus(2048, false),
+                    &[1, 0xff, 0xff, 0xff, 0xff],
+                    true,
+                    &[],
+                ),
+                2048,
+            ),
+        ];
+        for (i, (pem, bits)) in accepted.iter().enumerate() {
+            let key = PublicKeyPem::parse(pem).unwrap_or_else(|e| panic!("case {i}: {e}"));
+            assert_eq!(key.kind(), KeyKind::Rsa { bits: *bits }, "case {i}");
+        }
+        let refused = [
+            rsa_pem(&modulus(2047, false), &f4, true, &[]),
+            rsa_pem(&modulus(8193, false), &f4, true, &[]),
+            rsa_pem(&modulus(2048, true), &f4, true, &[]),
+            rsa_pem(&modulus(2048, false), &[1], true, &[]),
+            rsa_pem(&modulus(2048, false), &[0], true, &[]),
+            rsa_pem(&modulus(2048, false), &[0x01, 0x00, 0x00], true, &[]),
+            rsa_pem(&modulus(2048, false), &[2, 0, 0, 0, 1], true, &[]),
+            rsa_pem(&modulus(2048, false), &[1; 9], true, &[]),
+            rsa_pem(&modulus(2048, false), &f4, false, &[]),
+            rsa_pem(&modulus(2048, false), &f4, true, &[0x05, 0x00]),
+        ];
+        for (i, pem) in refused.iter().enumerate() {
+            let err = PublicKeyPem::parse(pem).expect_err(&format!("case {i} must be refused"));
+            assert_eq!(
+                crate::ApiError::from(err).status().as_u16(),
+                422,
+                "case {i}"
+            );
+        }
     }
 
     #[test]

@@ -58,6 +58,7 @@ pub struct IssuedToken {
 impl JwtKeys {
     /// The keys of `JWT_SECRET`, or None for a function configured without it.
     pub fn new(config: &Config) -> Option<Self> {
+        install_hs256();
         let secret = config.jwt_secret.as_ref()?.expose().as_bytes();
         let previous = config.jwt_previous_secret.as_ref().map(|previous| {
             let previous = previous.expose().as_bytes();
@@ -147,6 +148,101 @@ pub fn key_id(secret: &[u8]) -> String {
         .collect()
 }
 
+/// Installs jsonwebtoken's cryptography for this process: HMAC-SHA256 alone ([`hs256`]). Without
+/// it, `jsonwebtoken::encode` and `decode` panic; `JwtKeys::new` calls it, and so may a test that
+/// signs or verifies on its own. Calling it again does nothing.
+pub fn install_hs256() {
+    // Err only when a provider is installed already (this one, or a test's own).
+    let _ = hs256::PROVIDER.install_default();
+}
+
+/// jsonwebtoken's `CryptoProvider` for HS256, the only algorithm the API issues or accepts: HMAC
+/// from RustCrypto's `hmac` and `sha2`. It replaces the crate's `rust_crypto` feature, which links
+/// every JWS algorithm and with them the `rsa` crate (RUSTSEC-2023-0071, see deny.toml). Any
+/// other algorithm is refused with `InvalidAlgorithm`, and JWK helpers are not provided.
+mod hs256 {
+    use hmac::{Hmac, KeyInit, Mac};
+    use jsonwebtoken::crypto::{CryptoProvider, JwtSigner, JwtVerifier, KeyUtils};
+    use jsonwebtoken::errors::{ErrorKind, Result};
+    use jsonwebtoken::signature::{self, Signer, Verifier};
+    use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, EncodingKey};
+    use sha2::Sha256;
+
+    pub(super) static PROVIDER: CryptoProvider = CryptoProvider {
+        signer_factory,
+        verifier_factory,
+        key_utils: KeyUtils::new_unimplemented(),
+    };
+
+    struct Hs256(Hmac<Sha256>);
+
+    impl Hs256 {
+        fn new(algorithm: &Algorithm, family: AlgorithmFamily, secret: &[u8]) -> Result<Self> {
+            if *algorithm != Algorithm::HS256 {
+                return Err(ErrorKind::InvalidAlgorithm.into());
+            }
+            if family != AlgorithmFamily::Hmac {
+                return Err(ErrorKind::InvalidKeyFormat.into());
+            }
+            let mac =
+                Hmac::<Sha256>::new_from_slice(secret).map_err(|_| ErrorKind::InvalidKeyFormat)?;
+            Ok(Self(mac))
+        }
+    }
+
+    fn signer_factory(algorithm: &Algorithm, key: &EncodingKey) -> Result<Box<dyn JwtSigner>> {
+        Ok(Box::new(Hs256::new(
+            algorithm,
+            key.family(),
+            key.as_bytes(),
+        )?))
+    }
+
+    fn verifier_factory(algorithm: &Algorithm, key: &DecodingKey) -> Result<Box<dyn JwtVerifier>> {
+        let secret = key.try_get_as_bytes()?;
+        Ok(Box::new(Hs256::new(algorithm, key.family(), secret)?))
+    }
+
+    impl Signer<Vec<u8>> for Hs256 {
+        fn try_sign(&self, message: &[u8]) -> std::result::Result<Vec<u8>, signature::Error> {
+            Ok(self
+                .0
+                .clone()
+                .chain_update(message)
+                .finalize()
+                .into_bytes()
+                .to_vec())
+        }
+    }
+
+    impl JwtSigner for Hs256 {
+        fn algorithm(&self) -> Algorithm {
+            Algorithm::HS256
+        }
+    }
+
+    impl Verifier<Vec<u8>> for Hs256 {
+        /// Constant-time comparison (`Mac::verify_slice`).
+        fn verify(
+            &self,
+            message: &[u8],
+            tag: &Vec<u8>,
+        ) -> std::result::Result<(), signature::Error> {
+            self.0
+                .clone()
+                .chain_update(message)
+                .verify_slice(tag)
+                .map_err(|_| signature::Error::new())
+        }
+    }
+
+    impl JwtVerifier for Hs256 {
+        fn algorithm(&self) -> Algorithm {
+            Algorithm::HS256
+        }
+    }
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -178,6 +274,7 @@ mod tests {
     fn sign(header: serde_json::Value, claims: serde_json::Value, secret: &[u8]) -> String {
         let head = B64.encode(header.to_string());
         let body = B64.encode(claims.to_string());
+        install_hs256();
         let key = EncodingKey::from_secret(secret).unwrap();
         let signature =
             jsonwebtoken::crypto::sign(format!("{head}.{body}").as_bytes(), &key, Algorithm::HS256)
@@ -388,5 +485,43 @@ mod tests {
     fn key_id_is_sha256_prefix() {
         // SHA-256("abc") starts ba7816bf8f01cfea.
         assert_eq!(key_id(b"abc"), "ba7816bf8f01cfea");
+    }
+
+    /// The HS256 provider against RFC 7515 appendix A.1's example (key, signing input and
+    /// signature), and its refusal of every other algorithm.
+    #[test]
+    fn hs256_provider_matches_rfc7515() {
+        install_hs256();
+        let key = B64
+            .decode(
+                "AyM1SysPpbyDfgZld3umj1qzKObwVMkoqQ-EstJQLr_T-1qS0gZH75aKtMN3Yj0iPS4hcgUuTwjAzZr1Z9CAow",
+            )
+            .unwrap();
+        let input = "eyJ0eXAiOiJKV1QiLA0KICJhbGciOiJIUzI1NiJ9.eyJpc3MiOiJqb2UiLA0KICJleHAiOjEzMDA4MTkzODAsDQogImh0dHA6Ly9leGFtcGxlLmNvbS9pc19yb290Ijp0cnVlfQ";
+        let signature = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+        let encoding = EncodingKey::from_secret(&key).unwrap();
+        let decoding = DecodingKey::from_secret(&key).unwrap();
+        use jsonwebtoken::crypto::{sign, verify};
+        assert_eq!(
+            sign(input.as_bytes(), &encoding, Algorithm::HS256).unwrap(),
+            signature
+        );
+        assert!(verify(signature, input.as_bytes(), &decoding, Algorithm::HS256).unwrap());
+        assert!(!verify(signature, b"tampered", &decoding, Algorithm::HS256).unwrap());
+        for other in [
+            Algorithm::HS384,
+            Algorithm::HS512,
+            Algorithm::RS256,
+            Algorithm::ES256,
+        ] {
+            assert!(
+                sign(input.as_bytes(), &encoding, other).is_err(),
+                "{other:?}"
+            );
+            assert!(
+                verify(signature, input.as_bytes(), &decoding, other).is_err(),
+                "{other:?}"
+            );
+        }
     }
 }
