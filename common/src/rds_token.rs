@@ -1,7 +1,7 @@
 //! RDS IAM authentication tokens: a SigV4-presigned `connect` request, signed offline by the
 //! AWS SDK (`aws_sdk_rds::auth_token::AuthTokenGenerator`, with `default-features = false`: no
 //! HTTP client, no TLS, no credential chain). Re-measured against the hand-written signer this
-//! replaced (README, Performance): +0.38 MB per stripped binary and about +0.05 ms of init, under
+//! replaced (docs/PERFORMANCE.md): +0.38 MB per stripped binary and about +0.05 ms of init, under
 //! the 1.5 MB and 1 ms the choice was held to. Credentials come from `AWS_ACCESS_KEY_ID`,
 //! `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN`, which Lambda sets for the execution role and
 //! keeps valid for the life of the execution environment.

@@ -20,18 +20,23 @@ pub const CORS_ALLOW_HEADERS: &str = "authorization, content-type, idempotency-k
 pub const CORS_EXPOSE_HEADERS: &str = "retry-after, www-authenticate, idempotent-replayed";
 
 /// Builds the state (failing init with a clear message when config is wrong) and serves.
+///
+/// `run_concurrent` (lambda_runtime's `concurrency-tokio` feature) reads
+/// `AWS_LAMBDA_MAX_CONCURRENCY`: unset or 1, as on classic Lambda and under `cargo lambda watch`
+/// (which sets it to 1 for every instance), it serves one request at a time, which is what the
+/// pool of one connection is sized for. Plain `run` serves the same way but warns whenever the
+/// variable is set at all.
 pub async fn run_http<F, Fut>(
     function: &'static str,
     tokens: Tokens,
     handler: F,
 ) -> Result<(), lambda_http::Error>
 where
-    F: Fn(&'static AppState, Request) -> Fut + Sync,
-    Fut: Future<Output = HandlerResult> + Send,
+    F: Fn(&'static AppState, Request) -> Fut + Copy + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
 {
     let state = init(function, tokens)?;
-    let handler = &handler;
-    lambda_http::run(service_fn(move |request| async move {
+    lambda_http::run_concurrent(service_fn(move |request| async move {
         Ok::<_, std::convert::Infallible>(respond(function, state, request, handler).await)
     }))
     .await

@@ -3,7 +3,7 @@
 //! Cargo.toml from it and checks template.yaml's and openapi.yaml's routes against it.
 //!
 //! Adding an endpoint: a handler module, a 5-line binary in `src/bin/`, one line below, then
-//! `make routes` (README, "How to add an endpoint").
+//! `make routes` (docs/DESIGN.md, "How to add an endpoint").
 
 use common::AppState;
 use common::runtime::HandlerResult;

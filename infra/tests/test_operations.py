@@ -1,4 +1,4 @@
-"""Issue 10 items 7 and 8, issue 12 item 6 (infra part): the database roles' timeouts against the
+"""The database roles' timeouts against the
 functions' timeouts, the stage throttle derived from the instance class's connections, the
 alarms an operator gets, and the customer-managed key of the functions' environments. On the
 SAM source, on the infra stack and on the CloudFormation SAM makes of template.yaml.
@@ -81,7 +81,7 @@ def uses_database(binary: str) -> bool:
 
 
 class StatementTimeouts(unittest.TestCase):
-    """No statement outlives the invocation that sent it (issue 10 item 7)."""
+    """No statement outlives the invocation that sent it."""
 
     def test_both_roles_have_all_three_limits(self):
         settings = role_settings()
@@ -116,12 +116,12 @@ class StatementTimeouts(unittest.TestCase):
 
     def test_purge_batches_stay_far_under_the_app_roles_limit(self):
         # purge runs as messenger_app with 300 s, one statement per batch: a batch must take a
-        # small fraction of statement_timeout. Measured: `make test-purge-backlog` (README.md).
+        # small fraction of statement_timeout. Measured: `make test-purge-backlog` (docs/TESTING.md).
         _, purge = function_by_binary("purge")
         self.assertEqual(database_role(purge), "messenger_app")
         batch = int(re.search(r"DEFAULT_BATCH_SIZE: i64 = ([\d_]+);",
                               PURGE_RS.read_text(encoding="utf-8")).group(1).replace("_", ""))
-        readme = (REPO / "README.md").read_text(encoding="utf-8")
+        readme = (REPO / "docs" / "TESTING.md").read_text(encoding="utf-8")
         rate = int(re.search(r"about ([\d,]+) rows/s", readme).group(1).replace(",", ""))
         batch_ms = 1000 * batch / rate
         # 10x for a slower database than the local one, and still 10x under the limit.
@@ -159,7 +159,7 @@ def proxy_pool() -> dict:
 
 
 class CapacityFromTheInstanceClass(unittest.TestCase):
-    """The stage throttle is derived from the database's connections (issue 10 item 8)."""
+    """The stage throttle is derived from the database's connections."""
 
     def test_every_figure_follows_from_the_class_memory(self):
         percent = proxy_pool()["MaxConnectionsPercent"]

@@ -1,5 +1,5 @@
 """Offline checks of the deployment: template.yaml against the HTTP contract (API.md), the local
-`cargo lambda watch` router (Cargo.toml) and the security rules of issue 4.
+`cargo lambda watch` router (Cargo.toml) and the security rules of infra/README.md.
 
 Run: .venv/bin/python -m unittest discover -s infra/tests -v   (infra/check.sh does).
 Needs PyYAML; the translated-template checks also use aws-sam-translator (both in .venv).
@@ -77,7 +77,7 @@ def load_tests(loader, tests, pattern):
         tests.addTest(ChecksAgainstTheContract("test_skipped"))
     return tests
 
-# Every Lambda binary of the `functions` crate (issue 4), and the ones that never touch the DB.
+# Every Lambda binary of the `functions` crate, and the ones that never touch the DB.
 EXPECTED_BINARIES = {
     "register", "login", "me", "get-public-key", "update-key", "lookup-user", "health",
     "send-message", "get-messages", "confirm-delivery", "confirm-deliveries", "delete-account",

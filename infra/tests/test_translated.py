@@ -40,7 +40,7 @@ SAM_MANAGED = [
     "arn:aws:iam::aws:policy/AWSXrayWriteOnlyAccess",
     "arn:aws:iam::aws:policy/service-role/AWSLambdaVPCAccessExecutionRole",
 ]
-# Functions that neither issue nor verify tokens: no JWT_SECRET (issue 9 / 15).
+# Functions that neither issue nor verify tokens: no JWT_SECRET.
 NO_JWT = {"register", "link-device", "health", "metrics", "not-found", "purge", "migrate", SETUP_FUNCTION}
 README = REPO / "infra" / "README.md"
 MAKEFILE = REPO / "Makefile"

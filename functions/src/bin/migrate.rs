@@ -12,8 +12,8 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         println!("{}", serde_json::to_string(&report)?);
         return Ok(());
     }
-    let db = &db;
-    lambda_runtime::run(service_fn(move |_: LambdaEvent<Value>| async move {
+    let db: &'static _ = Box::leak(Box::new(db));
+    lambda_runtime::run_concurrent(service_fn(move |_: LambdaEvent<Value>| async move {
         functions::migrate::run(db)
             .await
             .map_err(|error| error.to_string())

@@ -6,8 +6,8 @@ use lambda_runtime::{LambdaEvent, service_fn};
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_runtime::Error> {
     let state = common::runtime::init("purge", common::Tokens::Unused)?;
-    lambda_runtime::run(service_fn(
-        |event: LambdaEvent<EventBridgeEvent>| async move {
+    lambda_runtime::run_concurrent(service_fn(
+        move |event: LambdaEvent<EventBridgeEvent>| async move {
             let time_left = functions::purge::time_left(event.context.deadline);
             tracing::debug!(time_left_ms = time_left.as_millis() as u64, "purge invoked");
             let stop_by = functions::purge::stop_by(time_left);

@@ -7,7 +7,7 @@ use lambda_runtime::{LambdaEvent, service_fn};
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_runtime::Error> {
     common::telemetry::init();
-    lambda_runtime::run(service_fn(|event: LambdaEvent<SetupRequest>| async move {
+    lambda_runtime::run_concurrent(service_fn(|event: LambdaEvent<SetupRequest>| async move {
         let database = event.payload.database.clone();
         match setup_roles::run(event.payload).await {
             Ok(report) => {

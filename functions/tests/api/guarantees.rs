@@ -753,7 +753,7 @@ async fn no_statement_is_left_on_the_connection(pool: PgPool) {
         app.request("GET", "/me").bearer(&token).send().await;
     }
     let (pid, _, warm_bytes) = backend(&app).await;
-    // LEAK_REQUESTS=20000 for the figure in the README (1,000 in make test).
+    // LEAK_REQUESTS=20000 for the figure in docs/PERFORMANCE.md (1,000 in make test).
     let requests: usize = std::env::var("LEAK_REQUESTS")
         .ok()
         .and_then(|n| n.parse().ok())
