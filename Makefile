@@ -4,14 +4,18 @@ SHELL := /bin/bash
 export CARGO_TERM_COLOR ?= never
 PORT ?= 9000
 VENV := .venv/bin
+# The tools in .venv/bin (cargo-lambda, sam, zig) first on PATH: `sam build` runs cargo-lambda by
+# name, and cargo-lambda finds zig on PATH.
+WITH_VENV := PATH="$(CURDIR)/.venv/bin:$$PATH"
 
-.PHONY: help dev test test-unit test-client test-client-e2e test-e2e fuzz-api lint check-infra migrate test-purge-backlog build build-x86 deploy tools fmt clean-local
+.PHONY: help dev test test-unit test-client test-client-e2e test-e2e fuzz-api lint check-infra migrate test-purge-backlog build build-x86 deploy tools venv fmt clean-local
 .PHONY: routes routes-check api-docs
 .PHONY: deploy-infra setup-roles rotate-jwt-secret rotate-metrics-token smoke
 
 help:
 	@echo "make dev                 run the API at http://127.0.0.1:$(PORT) (cargo lambda watch)"
 	@echo "make test                formatting, clippy, unit + integration tests, end-to-end, infra checks"
+	@echo "make audit               dependencies: RustSec advisories (offline snapshot), licences, bans, sources"
 	@echo "make test-client         the messenger client: unit, RFC 9180 vector, cross-language (pyhpke)"
 	@echo "make test-client-e2e     the client end to end against the API of make dev (PORT=$(PORT))"
 	@echo "make fuzz-api            schemathesis against the local API and openapi.yaml (FUZZ_EXAMPLES=100)"
@@ -27,29 +31,40 @@ help:
 	@echo "make rotate-metrics-token  likewise for the /metrics bearer token"
 	@echo "make smoke API=https://... the README walk-through against a stage (ORIGIN=, METRICS_TOKEN=)"
 
-tools:
+# venv: the Python-packaged tools (what `make dev`, `build` and `deploy` use); tools: those and the
+# test tools.
+venv:
 	@bash scripts/ensure-venv.sh
-	@command -v cargo-nextest >/dev/null || cargo install cargo-nextest --locked
 
-dev: tools
+tools: venv
+	@command -v cargo-nextest >/dev/null || cargo install cargo-nextest --locked
+	@cargo deny --version 2>/dev/null | grep -qx 'cargo-deny 0.20.2' || cargo install cargo-deny --version 0.20.2 --locked
+
+dev: venv
 	@bash scripts/dev.sh
 
 migrate:
 	@DATABASE_URL="$$(bash scripts/database-url.sh)" cargo run --quiet --bin migrate
 
-test: tools lint routes-check test-client test-unit test-e2e fuzz-api check-infra
+test: tools lint audit routes-check test-client test-unit test-e2e fuzz-api check-infra
 	@echo "==> make test: all passed"
 
 # functions/src/routes.rs is the one route table: `make routes` writes the watch router (and the
 # binary and template.yaml resource of a new function); make test fails when anything differs.
-routes: tools
+routes: venv
 	@$(VENV)/python scripts/routes.py
-routes-check: tools
+routes-check: venv
 	@$(VENV)/python scripts/routes.py --check
 
 # docs/API.md is generated from openapi.yaml; infra/tests/test_api_docs.py fails when it differs.
-api-docs: tools
+api-docs: venv
 	@$(VENV)/python scripts/api_docs.py
+
+# The supply chain (deny.toml, scripts/audit.sh): RustSec advisories from ../shared/advisory-db
+# offline (skipped, with one line, when it is absent), licences, bans, sources and path dependencies.
+.PHONY: audit
+audit: tools
+	@bash scripts/audit.sh
 
 lint:
 	cargo fmt --all -- --check
@@ -106,13 +121,13 @@ soak:
 
 # Lambda packages: arm64 through zig (the ziglang wheel cargo-lambda pulls into .venv, found on
 # PATH), or x86_64 with plain cargo.
-build: tools
-	PATH="$(CURDIR)/.venv/bin:$$PATH" $(VENV)/cargo-lambda lambda build --release --arm64 --output-format zip -p functions
-build-x86: tools
-	$(VENV)/cargo-lambda lambda build --release --compiler cargo --output-format zip -p functions
+build: venv
+	$(WITH_VENV) $(VENV)/cargo-lambda lambda build --release --arm64 --output-format zip -p functions
+build-x86: venv
+	$(WITH_VENV) $(VENV)/cargo-lambda lambda build --release --compiler cargo --output-format zip -p functions
 
-deploy: tools
-	$(VENV)/sam build && $(VENV)/sam deploy
+deploy: venv
+	$(WITH_VENV) $(VENV)/sam build && $(WITH_VENV) $(VENV)/sam deploy
 
 # The operator's path (infra/README.md). STACK / INFRA_STACK name the stacks (defaults
 # secure-messenger / secure-messenger-infra); AWS credentials and region come from the AWS CLI.
@@ -133,8 +148,6 @@ smoke:
 fmt:
 	cargo fmt --all
 
+# Stops .local's clusters as the owner of each data directory, and removes .local only once none runs.
 clean-local:
-	@for d in .local/pg/data .local/soak-pg/data; do \
-		if [ -f $$d/postmaster.pid ]; then runuser -u postgres -- pg_ctl -D $$d stop -m fast || true; fi; \
-	done
-	rm -rf .local
+	@bash scripts/clean-local.sh
