@@ -81,6 +81,7 @@ impl SignedPrekey {
 }
 
 pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
+    crate::routes::refuse_shadowed(&request)?;
     let caller = authenticate(&request, state.jwt()?)?;
     let raw = path_param(&request, "user_id")
         .ok_or_else(|| ApiError::bad_field("user_id", "user_id is required"))?;

@@ -30,6 +30,7 @@ pub fn parse_device_id(raw: &str) -> Result<i32, ApiError> {
 }
 
 pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
+    crate::routes::refuse_shadowed(&request)?;
     let caller = authenticate(&request, state.jwt()?)?;
     let raw = path_param(&request, "device_id")
         .ok_or_else(|| ApiError::bad_field("device_id", "device_id is required"))?;

@@ -72,23 +72,45 @@ pub struct RouteMatch {
 }
 
 /// The route for `method` and `path`, or `Err` with the methods the path does allow (empty when
-/// no route has this path at all).
+/// no route has this path at all). A path that a template matches with fewer parameters belongs
+/// to that template alone: `/keys/claim` is the claim's path (POST), never a `{user_id}` of
+/// `GET /keys/{user_id}`, so `GET /keys/claim` is 405 with `Allow: POST`.
 pub fn find(method: &str, path: &str) -> Result<RouteMatch, Vec<&'static str>> {
+    let matches: Vec<_> = ROUTES
+        .iter()
+        .filter_map(|&(route_method, template, function)| {
+            match_template(template, path).map(|params| (route_method, template, function, params))
+        })
+        .collect();
+    let fewest = matches.iter().map(|m| m.3.len()).min().unwrap_or(0);
     let mut allowed = Vec::new();
-    for &(route_method, template, function) in ROUTES {
-        if let Some(params) = match_template(template, path) {
-            if route_method.eq_ignore_ascii_case(method) {
-                return Ok(RouteMatch {
-                    method: route_method,
-                    template,
-                    function,
-                    params,
-                });
-            }
-            allowed.push(route_method);
+    for (route_method, template, function, params) in matches {
+        if params.len() > fewest {
+            continue;
         }
+        if route_method.eq_ignore_ascii_case(method) {
+            return Ok(RouteMatch {
+                method: route_method,
+                template,
+                function,
+                params,
+            });
+        }
+        allowed.push(route_method);
     }
     Err(allowed)
+}
+
+/// For a handler of a template with a parameter: API Gateway picks a route per method, so
+/// `GET /keys/claim` reaches `GET /keys/{user_id}` although `/keys/claim` is a path of its own.
+/// Such a request is 405 with the methods that path has, as the fallback answers it locally.
+pub fn refuse_shadowed(request: &Request) -> Result<(), common::ApiError> {
+    match find(request.method().as_str(), request.uri().path()) {
+        Err(allowed) if !allowed.is_empty() => Err(common::ApiError::MethodNotAllowed {
+            allow: allowed.join(", "),
+        }),
+        _ => Ok(()),
+    }
 }
 
 fn match_template(template: &str, path: &str) -> Option<Vec<(String, String)>> {
@@ -131,5 +153,19 @@ mod tests {
             "confirm-deliveries"
         );
         assert_eq!(find("GET", "/messages/delivered").unwrap_err(), ["POST"]);
+        // A literal path is never a parameter of a sibling template.
+        assert_eq!(find("GET", "/keys/claim").unwrap_err(), ["POST"]);
+        assert_eq!(find("GET", "/keys/signing-key").unwrap_err(), ["PUT"]);
+        assert_eq!(find("GET", "/keys/prekeys").unwrap_err(), ["POST"]);
+        assert_eq!(find("DELETE", "/devices/link-codes").unwrap_err(), ["POST"]);
+        assert_eq!(find("GET", "/keys/abc").unwrap().function, "get-keys");
+        assert_eq!(
+            find("DELETE", "/devices/7").unwrap().function,
+            "remove-device"
+        );
+        assert_eq!(
+            find("GET", "/keys/prekeys/count").unwrap().function,
+            "prekey-count"
+        );
     }
 }

@@ -47,6 +47,38 @@ async fn unknown_routes_and_methods(pool: PgPool) {
     assert_eq!(r.headers["allow"], "POST");
     let r = app.request("POST", "/messages/abc/delivered").send().await;
     assert_eq!(r.headers["allow"], "PUT");
+    // A literal path is not a parameter of a sibling template: locally the fallback answers,
+    // in AWS the parameter's function (API Gateway picks a route per method) answers the same.
+    for (method, path, allow) in [
+        ("GET", "/keys/claim", "POST"),
+        ("GET", "/keys/signing-key", "PUT"),
+        ("GET", "/keys/prekeys", "POST"),
+        ("DELETE", "/devices/link-codes", "POST"),
+        ("OPTIONS", "/keys/claim", "POST"),
+    ] {
+        let r = app.request(method, path).send().await;
+        r.assert_error(405, "method_not_allowed");
+        assert_eq!(r.headers["allow"], allow, "{method} {path}");
+    }
+    let as_api_gateway_routes = |method: &str, path: &str| {
+        lambda_http::http::Request::builder()
+            .method(method)
+            .uri(path)
+            .body(lambda_http::Body::Empty)
+            .unwrap()
+    };
+    let refused =
+        functions::get_keys::handler(app.state, as_api_gateway_routes("GET", "/keys/claim"))
+            .await
+            .unwrap_err();
+    assert_eq!(refused.status(), 405);
+    let refused = functions::remove_device::handler(
+        app.state,
+        as_api_gateway_routes("DELETE", "/devices/link-codes"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.status(), 405);
 }
 
 /// Every TCP connection to the database has Nagle's algorithm off. sqlx 0.9.0 forgot it
