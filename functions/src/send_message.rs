@@ -83,6 +83,23 @@ pub struct DirectoryDevice {
     pub key_updated_at: DateTime<Utc>,
 }
 
+impl DirectoryDevice {
+    /// A device from the nullable columns of an outer join (None where the join found none).
+    pub fn from_columns(
+        device_id: Option<i32>,
+        public_key: Option<String>,
+        key_fingerprint: Option<String>,
+        key_updated_at: Option<DateTime<Utc>>,
+    ) -> Option<Self> {
+        Some(Self {
+            device_id: device_id?,
+            public_key: public_key?,
+            key_fingerprint: key_fingerprint?,
+            key_updated_at: key_updated_at?,
+        })
+    }
+}
+
 /// Stores `envelopes` from `sender` to `recipient` in one statement: all of them or none.
 /// `fan_out`: the envelopes must name exactly the recipient's current devices (but the sending
 /// one) with their current fingerprints, else `devices_changed`.
@@ -178,12 +195,12 @@ fn devices_changed(rows: Vec<OutcomeRow>) -> ApiError {
     let devices: Vec<DirectoryDevice> = rows
         .into_iter()
         .filter_map(|row| {
-            Some(DirectoryDevice {
-                device_id: row.device_id?,
-                public_key: row.public_key?,
-                key_fingerprint: row.key_fingerprint?,
-                key_updated_at: row.key_updated_at?,
-            })
+            DirectoryDevice::from_columns(
+                row.device_id,
+                row.public_key,
+                row.key_fingerprint,
+                row.key_updated_at,
+            )
         })
         .collect();
     extra.insert(

@@ -163,6 +163,25 @@ impl SigningKey {
     }
 }
 
+/// The token's device's signing key as stored (canonical PEM), if it has one.
+pub const SIGNING_KEY_SQL: &str =
+    "SELECT signing_key FROM devices WHERE user_id = $1 AND device_id = $2";
+
+/// The caller's device's signing key (None when it has none); 401 when the device is gone.
+pub async fn device_signing_key(
+    state: &common::AppState,
+    caller: common::http::Caller,
+) -> Result<Option<String>, common::ApiError> {
+    let stored: Option<Option<String>> = state
+        .db
+        .query_scalar(SIGNING_KEY_SQL)
+        .bind(caller.user_id)
+        .bind(caller.device_id)
+        .fetch_optional(state.pool())
+        .await?;
+    stored.ok_or(common::ApiError::Unauthorized)
+}
+
 /// The raw X25519 bytes of a device key as stored (canonical PEM), for the `sm-bind` signature;
 /// None when the stored key is not X25519 (a device 1 registered with another kind of key).
 pub fn stored_x25519(pem: &str) -> Option<[u8; 32]> {

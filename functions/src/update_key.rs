@@ -16,10 +16,6 @@ use uuid::Uuid;
 use crate::signatures::{Context, Signature, SigningKey, signed_message};
 use crate::users::Profile;
 
-/// The device's current signing key, for a request with a `binding_sig`.
-pub const SIGNING_KEY_SQL: &str =
-    "SELECT signing_key FROM devices WHERE user_id = $1 AND device_id = $2";
-
 /// The new key (`$3`) for device `$2` of `$1`, through `rekey_device()` (the migration): the
 /// device row locked, then its signing key and prekeys kept with a binding signature (`$4`) made
 /// under signing key `$5` (still the device's, or nothing changes), dropped without one.
@@ -98,14 +94,9 @@ async fn binding_signing_key(
     let invalid = ApiError::InvalidSignature {
         field: "binding_sig",
     };
-    let current: Option<Option<String>> = state
-        .db
-        .query_scalar(SIGNING_KEY_SQL)
-        .bind(caller.user_id)
-        .bind(caller.device_id)
-        .fetch_optional(state.pool())
-        .await?;
-    let stored = current.ok_or(ApiError::Unauthorized)?.ok_or(invalid)?;
+    let stored = crate::signatures::device_signing_key(state, caller)
+        .await?
+        .ok_or(invalid)?;
     let signing_key = SigningKey::parse("signing_key", &stored).map_err(ApiError::internal)?;
     let x25519 = public_key.x25519().ok_or(ApiError::InvalidSignature {
         field: "binding_sig",

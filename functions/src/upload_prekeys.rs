@@ -21,9 +21,6 @@ use crate::signatures::{Context, PrekeyBytes, Signature, SigningKey, signed_mess
 
 /// The device's signing key, to verify the signatures against; no row when the token's device
 /// (or account) is gone.
-pub const SIGNING_KEY_SQL: &str =
-    "SELECT signing_key FROM devices WHERE user_id = $1 AND device_id = $2";
-
 /// `store_prekeys()` (migrations/20261204000001): under the device row's lock, the signing key
 /// must still be `$3`; then the key ids against the high-water mark, the stock against `$10`,
 /// and the inserts.
@@ -159,15 +156,8 @@ pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
         ));
     }
 
-    let stored_key: Option<Option<String>> = state
-        .db
-        .query_scalar(SIGNING_KEY_SQL)
-        .bind(caller.user_id)
-        .bind(caller.device_id)
-        .fetch_optional(state.pool())
-        .await?;
-    let stored_key = stored_key
-        .ok_or(ApiError::Unauthorized)?
+    let stored_key = crate::signatures::device_signing_key(state, caller)
+        .await?
         .ok_or_else(no_signing_key)?;
     let signing_key = SigningKey::parse("signing_key", &stored_key).map_err(ApiError::internal)?;
     if !prekeys

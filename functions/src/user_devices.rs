@@ -59,12 +59,12 @@ pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
     let devices: Vec<DirectoryDevice> = rows
         .into_iter()
         .filter_map(|row| {
-            Some(DirectoryDevice {
-                device_id: row.device_id?,
-                public_key: row.public_key?,
-                key_fingerprint: row.key_fingerprint?,
-                key_updated_at: row.key_updated_at?,
-            })
+            DirectoryDevice::from_columns(
+                row.device_id,
+                row.public_key,
+                row.key_fingerprint,
+                row.key_updated_at,
+            )
         })
         .collect();
     if devices.is_empty() {

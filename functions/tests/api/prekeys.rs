@@ -1475,7 +1475,6 @@ async fn the_prekey_statements_prepare_against_the_schema(pool: PgPool) {
     for sql in [
         functions::set_signing_key::DEVICE_SQL,
         functions::set_signing_key::SET_SQL,
-        functions::upload_prekeys::SIGNING_KEY_SQL,
         functions::upload_prekeys::STORE_SQL,
         functions::prekey_count::SQL,
         functions::get_keys::SQL,
