@@ -56,6 +56,7 @@ async fn every_statement_prepares_against_the_schema(pool: PgPool) {
         functions::credentials::FORGIVE_SQL,
         functions::credentials::GIVE_BACK_SQL,
         functions::me::SQL,
+        common::runtime::DEVICE_EXISTS_SQL,
         functions::credentials::CALLER_SQL,
         functions::delete_account::DELETE_SQL,
         functions::get_public_key::SQL,
