@@ -24,12 +24,18 @@ pub enum ApiError {
     },
     #[error("unexpected answer from the API (HTTP {status}): {reason}")]
     Decode { status: u16, reason: String },
+    /// 409 `devices_changed` from `POST /messages/devices`: the recipient's devices as they are.
+    #[error(
+        "the API answered 409 devices_changed: the recipient's devices are not the ones sealed for"
+    )]
+    DevicesChanged(DevicesChanged),
 }
 
 impl ApiError {
     pub fn status(&self) -> Option<u16> {
         match self {
             ApiError::Status { status, .. } | ApiError::Decode { status, .. } => Some(*status),
+            ApiError::DevicesChanged(_) => Some(409),
             ApiError::Transport { .. } => None,
         }
     }
@@ -37,6 +43,7 @@ impl ApiError {
     pub fn code(&self) -> Option<&str> {
         match self {
             ApiError::Status { code, .. } => Some(code),
+            ApiError::DevicesChanged(_) => Some("devices_changed"),
             _ => None,
         }
     }
@@ -47,6 +54,7 @@ impl ApiError {
         match self {
             ApiError::Transport { .. } => true,
             ApiError::Status { status, .. } | ApiError::Decode { status, .. } => *status >= 500,
+            ApiError::DevicesChanged(_) => false,
         }
     }
 }
@@ -99,10 +107,112 @@ pub struct Sent {
 pub struct Message {
     pub id: Uuid,
     pub sender_id: Uuid,
+    /// Absent on a server without devices: device 1, the account's key.
+    #[serde(default = "device_one")]
+    pub sender_device_id: u32,
     pub recipient_id: Uuid,
+    #[serde(default = "device_one")]
+    pub recipient_device_id: u32,
     pub encrypted_data: String,
     pub timestamp: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
+}
+
+fn device_one() -> u32 {
+    1
+}
+
+/// `POST /devices/link-codes`.
+#[derive(Deserialize)]
+pub struct LinkCode {
+    pub code: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+impl fmt::Debug for LinkCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LinkCode(.., expires_at: {})", self.expires_at)
+    }
+}
+
+/// `POST /devices`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LinkedDevice {
+    pub device_id: u32,
+    pub label: String,
+    pub public_key: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// One of our own devices (`GET /me/devices`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct OwnDevice {
+    pub device_id: u32,
+    pub label: String,
+    pub public_key: String,
+    pub key_fingerprint: String,
+    pub created_at: DateTime<Utc>,
+    #[serde(default)]
+    pub key_updated_at: Option<DateTime<Utc>>,
+    pub current: bool,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct OwnDevices {
+    pub devices: Vec<OwnDevice>,
+}
+
+/// A device as the directory lists it (`GET /users/{id}/devices`, and `devices_changed`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+pub struct DirectoryDevice {
+    pub device_id: u32,
+    pub public_key: String,
+    pub key_fingerprint: String,
+    #[serde(default)]
+    pub key_updated_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct UserDevices {
+    pub user_id: Uuid,
+    pub devices: Vec<DirectoryDevice>,
+}
+
+/// The body of 409 `devices_changed`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DevicesChanged {
+    #[serde(default)]
+    pub missing: Vec<u32>,
+    #[serde(default)]
+    pub extra: Vec<u32>,
+    #[serde(default)]
+    pub stale: Vec<u32>,
+    pub devices: Vec<DirectoryDevice>,
+}
+
+/// One envelope of `POST /messages/devices`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceEnvelope {
+    pub device_id: u32,
+    pub key_fingerprint: String,
+    pub encrypted_data: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SentToDevice {
+    pub device_id: u32,
+    pub id: Uuid,
+}
+
+/// `POST /messages/devices`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SentToDevices {
+    pub recipient_id: Uuid,
+    pub timestamp: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub messages: Vec<SentToDevice>,
+    #[serde(skip)]
+    pub replayed: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -185,8 +295,12 @@ impl Api {
         expect(resp, 201)
     }
 
-    pub fn login(&self, name: &str, password: &str) -> Result<Token, ApiError> {
-        let body = serde_json::json!({"name": name, "password": password});
+    /// `POST /login` as `device_id` (device 1 is sent as the contract's default: no field).
+    pub fn login(&self, name: &str, password: &str, device_id: u32) -> Result<Token, ApiError> {
+        let mut body = serde_json::json!({"name": name, "password": password});
+        if device_id != 1 {
+            body["device_id"] = device_id.into();
+        }
         let resp = self
             .agent
             .post(self.url("/login"))
@@ -276,6 +390,100 @@ impl Api {
         Ok(sent)
     }
 
+    /// `POST /messages/devices` with `Idempotency-Key`; one attempt. A 409 `devices_changed` is
+    /// [`ApiError::DevicesChanged`], with the recipient's current devices.
+    pub fn send_to_devices(
+        &self,
+        token: &str,
+        recipient_id: Uuid,
+        envelopes: &[DeviceEnvelope],
+        idempotency_key: &str,
+    ) -> Result<SentToDevices, ApiError> {
+        let body = serde_json::json!({"recipient_id": recipient_id, "envelopes": envelopes});
+        let resp = self
+            .agent
+            .post(self.url("/messages/devices"))
+            .header("Authorization", bearer(token))
+            .header("Content-Type", "application/json")
+            .header("Idempotency-Key", idempotency_key)
+            .send(body.to_string());
+        let mut replayed = false;
+        let resp = resp.inspect(|r| {
+            replayed = r
+                .headers()
+                .get("idempotent-replayed")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        });
+        let mut sent: SentToDevices = expect(resp, 201)?;
+        sent.replayed = replayed;
+        Ok(sent)
+    }
+
+    /// `POST /devices/link-codes`.
+    pub fn create_link_code(&self, token: &str) -> Result<LinkCode, ApiError> {
+        let resp = self
+            .agent
+            .post(self.url("/devices/link-codes"))
+            .header("Authorization", bearer(token))
+            .send_empty();
+        expect(resp, 201)
+    }
+
+    /// `POST /devices`: no token; the code and the password prove the new device.
+    pub fn link_device(
+        &self,
+        name: &str,
+        password: &str,
+        link_code: &str,
+        public_key: &str,
+        label: &str,
+    ) -> Result<LinkedDevice, ApiError> {
+        let body = serde_json::json!({"name": name, "password": password, "link_code": link_code,
+            "public_key": public_key, "label": label});
+        let resp = self
+            .agent
+            .post(self.url("/devices"))
+            .header("Content-Type", "application/json")
+            .send(body.to_string());
+        expect(resp, 201)
+    }
+
+    pub fn my_devices(&self, token: &str) -> Result<OwnDevices, ApiError> {
+        let resp = self
+            .agent
+            .get(self.url("/me/devices"))
+            .header("Authorization", bearer(token))
+            .call();
+        expect(resp, 200)
+    }
+
+    pub fn user_devices(&self, token: &str, user_id: Uuid) -> Result<UserDevices, ApiError> {
+        let resp = self
+            .agent
+            .get(self.url(&format!("/users/{user_id}/devices")))
+            .header("Authorization", bearer(token))
+            .call();
+        expect(resp, 200)
+    }
+
+    pub fn remove_device(
+        &self,
+        token: &str,
+        device_id: u32,
+        password: &str,
+    ) -> Result<(), ApiError> {
+        let body = serde_json::json!({"password": password});
+        let resp = self
+            .agent
+            .delete(self.url(&format!("/devices/{device_id}")))
+            .header("Authorization", bearer(token))
+            .header("Content-Type", "application/json")
+            .force_send_body()
+            .send(body.to_string());
+        expect_empty(resp, 204)
+    }
+
     pub fn messages(&self, token: &str, after: Option<Uuid>, limit: u32) -> Result<Page, ApiError> {
         let mut req = self
             .agent
@@ -340,6 +548,12 @@ fn read_body(resp: Response<ureq::Body>) -> Result<(u16, Option<u64>, Vec<u8>), 
 }
 
 fn error_from(status: u16, retry_after: Option<u64>, body: &[u8]) -> ApiError {
+    if status == 409
+        && serde_json::from_slice::<ErrorBody>(body).is_ok_and(|e| e.error == "devices_changed")
+        && let Ok(changed) = serde_json::from_slice::<DevicesChanged>(body)
+    {
+        return ApiError::DevicesChanged(changed);
+    }
     match serde_json::from_slice::<ErrorBody>(body) {
         Ok(e) => ApiError::Status {
             status,

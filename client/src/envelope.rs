@@ -55,6 +55,9 @@ pub struct Plaintext {
     pub id: Uuid,
     pub sent_at: DateTime<Utc>,
     pub text: String,
+    /// On a copy that one of our devices sent to our others: the account it sent the message to
+    /// (`"sent_to"`, a field this client adds; others ignore it).
+    pub sent_to: Option<Uuid>,
 }
 
 impl Plaintext {
@@ -65,17 +68,21 @@ impl Plaintext {
             id: Uuid::now_v7(),
             sent_at: Utc::now(),
             text: text.into(),
+            sent_to: None,
         }
     }
 
     pub fn to_json(&self) -> Vec<u8> {
-        serde_json::to_vec(&serde_json::json!({
+        let mut json = serde_json::json!({
             "v": self.v,
             "id": self.id.hyphenated().to_string(),
             "sent_at": self.sent_at.to_rfc3339_opts(SecondsFormat::Millis, true),
             "text": self.text,
-        }))
-        .expect("a JSON object serializes")
+        });
+        if let Some(to) = self.sent_to {
+            json["sent_to"] = to.hyphenated().to_string().into();
+        }
+        serde_json::to_vec(&json).expect("a JSON object serializes")
     }
 
     /// Reads the plaintext JSON: `v` first (an unknown one is refused as such), then the fields.
@@ -112,11 +119,20 @@ impl Plaintext {
             .and_then(|v| v.as_str())
             .ok_or_else(|| OpenError::BadPlaintext("\"text\" is missing or not a string".into()))?
             .to_string();
+        let sent_to = match obj.get("sent_to") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => Some(
+                v.as_str()
+                    .and_then(|v| Uuid::try_parse(v).ok())
+                    .ok_or_else(|| OpenError::BadPlaintext("\"sent_to\" is not a UUID".into()))?,
+            ),
+        };
         Ok(Plaintext {
             v: PLAINTEXT_VERSION,
             id,
             sent_at,
             text,
+            sent_to,
         })
     }
 }

@@ -124,6 +124,8 @@ mod tests {
     fn message(from: &Party, to: Uuid, bytes: &[u8]) -> Message {
         let now = Utc::now();
         Message {
+            sender_device_id: 1,
+            recipient_device_id: 1,
             id: Uuid::now_v7(),
             sender_id: from.id,
             recipient_id: to,

@@ -7,4 +7,5 @@ pub mod app;
 pub mod envelope;
 pub mod inbox;
 pub mod keys;
+pub mod olm;
 pub mod store;

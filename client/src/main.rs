@@ -68,6 +68,25 @@ enum Command {
     },
     /// Make a new key pair and publish it; the old private key is kept for messages in flight
     RotateKey,
+    /// Show a one-time code that links a new device to this account (run `join` on the new one)
+    Link,
+    /// On a new device: join the account NAME with the CODE that `link` showed on another
+    Join {
+        name: String,
+        code: String,
+        /// How the account's device list names this device [default: messenger on HOSTNAME]
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// List this account's devices and their key fingerprints
+    Devices,
+    /// Remove a device of this account (its tokens stop working, its undelivered messages are erased)
+    RemoveDevice {
+        device_id: u32,
+        /// Removing this very device erases this profile: confirm it
+        #[arg(long)]
+        yes: bool,
+    },
     /// Delete the account and every message to or from it, then erase this profile
     DeleteAccount {
         /// Do not ask for confirmation
@@ -91,6 +110,10 @@ fn main() -> ExitCode {
             Command::Contacts => app.contacts(),
             Command::Trust { name, fingerprint } => app.trust(name, fingerprint.as_deref()),
             Command::RotateKey => app.rotate_key(),
+            Command::Link => app.link(),
+            Command::Join { name, code, label } => app.join(name, code, label.as_deref()),
+            Command::Devices => app.devices(),
+            Command::RemoveDevice { device_id, yes } => app.remove_device(*device_id, *yes),
             Command::DeleteAccount { yes } => app.delete_account(*yes),
         });
     match result {

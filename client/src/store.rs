@@ -231,7 +231,14 @@ pub struct Account {
     pub api: String,
     pub name: String,
     pub user_id: Uuid,
+    /// This profile's device of the account (1: the one `register` made).
+    #[serde(default = "device_one")]
+    pub device_id: u32,
     pub registered_at: DateTime<Utc>,
+}
+
+fn device_one() -> u32 {
+    1
 }
 
 /// One of our private keys, PKCS #8 PEM.
@@ -358,19 +365,26 @@ impl PendingKey {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Contact {
-    pub name: String,
-    /// Oldest first; the last one is current.
+/// What is pinned for one device of a contact (ENVELOPE.md "Trust": pins are per device).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DevicePins {
+    /// Oldest first; the last one is current. Empty: a device that was shown (`pending`) but
+    /// never accepted, which nothing is sealed to and nothing opens with.
+    #[serde(default)]
     pub keys: Vec<PinnedKey>,
+    /// A key the directory lists for this device that is not the pinned one (or, for a device
+    /// never accepted, its only key): shown, and accepted only by `trust`.
     #[serde(default)]
     pub pending: Option<PendingKey>,
+    /// When the directory stopped listing it: nothing is sealed to it any more, and its keys
+    /// still open what it sent for `MESSAGE_TTL`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removed_at: Option<DateTime<Utc>>,
 }
 
-impl Contact {
-    pub fn new(name: &str, key: &PublicKey, now: DateTime<Utc>) -> Self {
-        Contact {
-            name: name.to_string(),
+impl DevicePins {
+    fn pinned(key: &PublicKey, now: DateTime<Utc>) -> Self {
+        DevicePins {
             keys: vec![PinnedKey {
                 public_key: key.to_pem(),
                 fingerprint: key.fingerprint(),
@@ -378,16 +392,21 @@ impl Contact {
                 replaced_at: None,
             }],
             pending: None,
+            removed_at: None,
         }
     }
 
-    pub fn current(&self) -> &PinnedKey {
-        self.keys.last().expect("a contact has a pinned key")
+    /// The accepted key, if any.
+    pub fn current(&self) -> Option<&PinnedKey> {
+        self.keys.last()
     }
 
-    /// The keys that may open this contact's messages: the current one, then earlier ones
-    /// replaced less than `MESSAGE_TTL` ago (newest first).
+    /// The keys that may open this device's messages: the current one, then earlier ones
+    /// replaced (or removed) less than `MESSAGE_TTL` ago (newest first).
     pub fn opening_keys(&self, now: DateTime<Utc>) -> Vec<PublicKey> {
+        if self.removed_at.is_some_and(|at| at + MESSAGE_TTL <= now) {
+            return Vec::new();
+        }
         self.keys
             .iter()
             .rev()
@@ -396,11 +415,12 @@ impl Contact {
             .collect()
     }
 
-    /// Accepts `key` as this contact's current key.
+    /// Accepts `key` as this device's current key.
     pub fn accept(&mut self, key: &PublicKey, now: DateTime<Utc>) {
         let fp = key.fingerprint();
-        if self.current().fingerprint == fp {
-            self.pending = None;
+        self.pending = None;
+        self.removed_at = None;
+        if self.current().is_some_and(|k| k.fingerprint == fp) {
             return;
         }
         for k in self.keys.iter_mut().filter(|k| k.replaced_at.is_none()) {
@@ -414,11 +434,10 @@ impl Contact {
             pinned_at: now,
             replaced_at: None,
         });
-        self.pending = None;
     }
 
     /// Drops earlier keys whose window has passed.
-    pub fn prune(&mut self, now: DateTime<Utc>) {
+    fn prune(&mut self, now: DateTime<Utc>) {
         let last = self.keys.len().saturating_sub(1);
         let mut i = 0;
         self.keys.retain(|k| {
@@ -426,6 +445,199 @@ impl Contact {
             i += 1;
             keep
         });
+    }
+}
+
+/// What the directory's list of a contact's devices changed, as recorded by
+/// [`Contact::reconcile`]: new devices and changed keys are pending (shown, not accepted).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceChanges {
+    /// `(device id, fingerprint)` of devices never accepted.
+    pub new: Vec<(u32, String)>,
+    /// `(device id, pinned fingerprint, listed fingerprint)`.
+    pub changed: Vec<(u32, String, String)>,
+    /// Devices no longer listed.
+    pub removed: Vec<u32>,
+}
+
+impl DeviceChanges {
+    /// Whether something waits for the user's `trust`.
+    pub fn needs_trust(&self) -> bool {
+        !self.new.is_empty() || !self.changed.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(from = "ContactOnDisk")]
+pub struct Contact {
+    pub name: String,
+    /// Per device id. Device 1 (the account's key) is always pinned.
+    pub devices: BTreeMap<u32, DevicePins>,
+    /// The name now belongs to another account (`user_id` set), with this device-1 key, as
+    /// shown: `trust NAME` replaces the contact with that account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_account: Option<PendingKey>,
+    /// When the device list was last read from the directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices_checked_at: Option<DateTime<Utc>>,
+}
+
+/// A contact as written by this version, or by one before devices (one key list for the account).
+#[derive(Deserialize)]
+struct ContactOnDisk {
+    name: String,
+    #[serde(default)]
+    devices: Option<BTreeMap<u32, DevicePins>>,
+    #[serde(default)]
+    keys: Vec<PinnedKey>,
+    #[serde(default)]
+    pending: Option<PendingKey>,
+    #[serde(default)]
+    pending_account: Option<PendingKey>,
+    #[serde(default)]
+    devices_checked_at: Option<DateTime<Utc>>,
+}
+
+impl From<ContactOnDisk> for Contact {
+    fn from(c: ContactOnDisk) -> Self {
+        let (device_pending, account_pending) = match c.pending {
+            Some(p) if p.user_id.is_some() => (None, Some(p)),
+            p => (p, None),
+        };
+        let devices = c.devices.unwrap_or_else(|| {
+            BTreeMap::from([(
+                1,
+                DevicePins {
+                    keys: c.keys,
+                    pending: device_pending,
+                    removed_at: None,
+                },
+            )])
+        });
+        Contact {
+            name: c.name,
+            devices,
+            pending_account: c.pending_account.or(account_pending),
+            devices_checked_at: c.devices_checked_at,
+        }
+    }
+}
+
+impl Contact {
+    /// A first contact: `keys` (device id, key) pinned as they are (trust on first use).
+    pub fn new(name: &str, keys: &[(u32, PublicKey)], now: DateTime<Utc>) -> Self {
+        Contact {
+            name: name.to_string(),
+            devices: keys
+                .iter()
+                .map(|(id, k)| (*id, DevicePins::pinned(k, now)))
+                .collect(),
+            pending_account: None,
+            devices_checked_at: Some(now),
+        }
+    }
+
+    /// Device 1's accepted key: the account's, as `GET /users` shows it.
+    pub fn primary(&self) -> Option<&PinnedKey> {
+        self.devices.get(&1).and_then(DevicePins::current)
+    }
+
+    /// The devices a message is sealed for: listed, accepted, each with its current key.
+    pub fn sealing_keys(&self) -> Vec<(u32, PublicKey)> {
+        self.devices
+            .iter()
+            .filter(|(_, d)| d.removed_at.is_none())
+            .filter_map(|(id, d)| {
+                let k = PublicKey::from_pem(&d.current()?.public_key).ok()?;
+                Some((*id, k))
+            })
+            .collect()
+    }
+
+    /// Whether a shown key waits for `trust`.
+    pub fn has_pending(&self) -> bool {
+        self.pending_account.is_some()
+            || self
+                .devices
+                .values()
+                .any(|d| d.pending.is_some() && d.removed_at.is_none())
+    }
+
+    /// Brings the pins up to the directory's `listed` devices: a device never accepted or a
+    /// changed key becomes pending (shown, not accepted), an accepted key listed again clears its
+    /// pending one, and a device no longer listed is marked removed (its keys still open what it
+    /// sent, for `MESSAGE_TTL`). Nothing is ever accepted here.
+    pub fn reconcile(&mut self, listed: &[(u32, PublicKey)], now: DateTime<Utc>) -> DeviceChanges {
+        let mut changes = DeviceChanges::default();
+        for (id, key) in listed {
+            let fp = key.fingerprint();
+            let pins = self.devices.entry(*id).or_default();
+            pins.removed_at = None;
+            match pins.current() {
+                Some(k) if k.fingerprint == fp => pins.pending = None,
+                current => {
+                    let pinned = current.map(|k| k.fingerprint.clone());
+                    if pins.pending.as_ref().is_none_or(|p| p.fingerprint != fp) {
+                        pins.pending = Some(PendingKey::new(key, None, now));
+                    }
+                    match pinned {
+                        Some(pinned) => changes.changed.push((*id, pinned, fp)),
+                        None => changes.new.push((*id, fp)),
+                    }
+                }
+            }
+        }
+        let listed_ids: Vec<u32> = listed.iter().map(|(id, _)| *id).collect();
+        self.devices.retain(|id, pins| {
+            if listed_ids.contains(id) {
+                return true;
+            }
+            if pins.keys.is_empty() {
+                return false; // shown, never accepted, gone: nothing to keep
+            }
+            if pins.removed_at.is_none() {
+                pins.removed_at = Some(now);
+                pins.pending = None;
+                changes.removed.push(*id);
+            }
+            true
+        });
+        self.devices_checked_at = Some(now);
+        changes
+    }
+
+    /// Accepts every pending device key (or only the one with fingerprint `only`); returns the
+    /// `(device id, previous fingerprint, accepted fingerprint)` of each.
+    pub fn accept_pending(
+        &mut self,
+        only: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Vec<(u32, Option<String>, String)> {
+        let mut accepted = Vec::new();
+        for (id, pins) in self.devices.iter_mut() {
+            let Some(p) = pins.pending.clone() else {
+                continue;
+            };
+            if pins.removed_at.is_some() || only.is_some_and(|fp| fp != p.fingerprint) {
+                continue;
+            }
+            let Ok(key) = PublicKey::from_pem(&p.public_key) else {
+                continue;
+            };
+            let previous = pins.current().map(|k| k.fingerprint.clone());
+            pins.accept(&key, now);
+            accepted.push((*id, previous, p.fingerprint));
+        }
+        accepted
+    }
+
+    /// Drops earlier keys whose window has passed, and removed devices whose messages expired.
+    pub fn prune(&mut self, now: DateTime<Utc>) {
+        self.devices
+            .retain(|_, d| d.removed_at.is_none_or(|at| at + MESSAGE_TTL > now));
+        for d in self.devices.values_mut() {
+            d.prune(now);
+        }
     }
 }
 
@@ -533,12 +745,70 @@ mod tests {
             PrivateKey::generate().public_key(),
             PrivateKey::generate().public_key(),
         );
-        let mut c = Contact::new("bob", &k1, now);
-        c.accept(&k2, now);
-        assert_eq!(c.opening_keys(now), vec![k2, k1]);
-        assert_eq!(c.opening_keys(now + MESSAGE_TTL), vec![k2]);
+        let mut c = Contact::new("bob", &[(1, k1)], now);
+        let d = c.devices.get_mut(&1).unwrap();
+        d.accept(&k2, now);
+        assert_eq!(d.opening_keys(now), vec![k2, k1]);
+        assert_eq!(d.opening_keys(now + MESSAGE_TTL), vec![k2]);
         c.prune(now + MESSAGE_TTL);
-        assert_eq!(c.keys.len(), 1);
+        assert_eq!(c.devices[&1].keys.len(), 1);
+    }
+
+    #[test]
+    fn a_new_device_or_a_changed_key_is_pending_until_accepted() {
+        let now = Utc::now();
+        let key = || PrivateKey::generate().public_key();
+        let (k1, k2, k1b, k3) = (key(), key(), key(), key());
+        let mut c = Contact::new("bob", &[(1, k1), (2, k2)], now);
+        assert_eq!(c.sealing_keys(), vec![(1, k1), (2, k2)]);
+
+        // Device 3 appears, device 1 is re-keyed, device 2 is removed.
+        let changes = c.reconcile(&[(1, k1b), (3, k3)], now);
+        assert_eq!(changes.new, vec![(3, k3.fingerprint())]);
+        assert_eq!(
+            changes.changed,
+            vec![(1, k1.fingerprint(), k1b.fingerprint())]
+        );
+        assert_eq!(changes.removed, vec![2]);
+        assert!(changes.needs_trust() && c.has_pending());
+        // Nothing is sealed to a key not accepted; the removed device's key still opens.
+        assert_eq!(c.sealing_keys(), vec![(1, k1)]);
+        assert_eq!(c.devices[&2].opening_keys(now), vec![k2]);
+        assert!(c.devices[&3].opening_keys(now).is_empty());
+
+        // The same list again records nothing new; accepting takes what was shown.
+        let again = c.reconcile(&[(1, k1b), (3, k3)], now);
+        assert!(again.removed.is_empty());
+        let accepted = c.accept_pending(Some(&k3.fingerprint()), now);
+        assert_eq!(accepted, vec![(3, None, k3.fingerprint())]);
+        assert_eq!(c.sealing_keys(), vec![(1, k1), (3, k3)]);
+        c.accept_pending(None, now);
+        assert!(!c.has_pending());
+        assert_eq!(c.sealing_keys(), vec![(1, k1b), (3, k3)]);
+        assert_eq!(c.devices[&1].opening_keys(now), vec![k1b, k1]);
+
+        // A removed device's keys open until its messages have expired, then it is forgotten.
+        c.prune(now + MESSAGE_TTL);
+        assert!(!c.devices.contains_key(&2));
+    }
+
+    #[test]
+    fn a_contact_written_before_devices_is_device_one() {
+        let k = PrivateKey::generate().public_key();
+        let other = PrivateKey::generate().public_key();
+        let old = serde_json::json!({"name": "bob", "keys": [{"public_key": k.to_pem(),
+            "fingerprint": k.fingerprint(), "pinned_at": "2026-12-01T00:00:00Z"}],
+            "pending": {"public_key": other.to_pem(), "fingerprint": other.fingerprint(),
+            "seen_at": "2026-12-02T00:00:00Z", "user_id": Uuid::nil()}});
+        let c: Contact = serde_json::from_value(old).unwrap();
+        assert_eq!(c.sealing_keys(), vec![(1, k)]);
+        assert_eq!(c.devices[&1].pending, None);
+        assert_eq!(
+            c.pending_account.as_ref().unwrap().fingerprint,
+            other.fingerprint()
+        );
+        let back: Contact = serde_json::from_value(serde_json::to_value(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
     }
 
     #[test]

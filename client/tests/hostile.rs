@@ -24,6 +24,8 @@ struct Request {
     /// The path without the query.
     path: String,
     body: String,
+    /// The status the server answered.
+    status: u16,
 }
 
 type Handler = dyn Fn(&Request) -> (u16, String) + Send + Sync;
@@ -55,11 +57,19 @@ impl Server {
         self.log.lock().unwrap().clone()
     }
 
+    /// Sends the server stored (a 409 `devices_changed` stores nothing).
     fn posted_messages(&self) -> usize {
         self.requests()
             .iter()
-            .filter(|r| r.method == "POST" && r.path == "/messages")
+            .filter(|r| r.method == "POST" && r.path.starts_with("/messages") && r.status == 201)
             .count()
+    }
+
+    /// Whether the client read the directory by name at all.
+    fn looked_up_names(&self) -> bool {
+        self.requests()
+            .iter()
+            .any(|r| r.method == "GET" && r.path == "/users")
     }
 }
 
@@ -93,13 +103,15 @@ fn serve(stream: TcpStream, log: &Mutex<Vec<Request>>, handler: &Handler) {
         let method = parts.next().unwrap_or("").to_string();
         let target = parts.next().unwrap_or("");
         let path = target.split_once('?').map_or(target, |(p, _)| p);
-        let req = Request {
+        let mut req = Request {
             method,
             path: path.to_string(),
             body: String::from_utf8_lossy(&body).into_owned(),
+            status: 0,
         };
-        log.lock().unwrap().push(req.clone());
         let (status, json) = handler(&req);
+        req.status = status;
+        log.lock().unwrap().push(req);
         let resp = format!(
             "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{json}",
             json.len()
@@ -126,11 +138,58 @@ fn directory(id: Uuid, name: &str, key: &PublicKey) -> (u16, String) {
     )
 }
 
-fn created(to: Uuid) -> (u16, String) {
+/// `GET /users/{id}/devices` of an account with one device, device 1 with `key`.
+fn devices(id: Uuid, key: &PublicKey) -> (u16, String) {
+    (
+        200,
+        json!({"user_id": id, "devices": [device(1, key)]}).to_string(),
+    )
+}
+
+fn device(id: u32, key: &PublicKey) -> Value {
+    json!({"device_id": id, "public_key": key.to_pem(), "key_fingerprint": key.fingerprint(),
+           "key_updated_at": null})
+}
+
+/// `POST /messages/devices` to an account whose devices are `listed`: 201 when the envelopes
+/// name exactly them with their fingerprints, else 409 `devices_changed` (nothing stored).
+fn send_to(r: &Request, to: Uuid, listed: &[(u32, PublicKey)]) -> (u16, String) {
+    let body: Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(body["recipient_id"], to.to_string(), "{r:?}");
+    let mut sealed_for: Vec<(u64, String)> = body["envelopes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["device_id"].as_u64().unwrap(),
+                e["key_fingerprint"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    sealed_for.sort();
+    let current: Vec<(u64, String)> = listed
+        .iter()
+        .map(|(id, k)| (u64::from(*id), k.fingerprint()))
+        .collect();
+    if sealed_for != current {
+        let devices: Vec<Value> = listed.iter().map(|(id, k)| device(*id, k)).collect();
+        return (
+            409,
+            json!({"error": "devices_changed", "message": "the devices changed",
+                   "missing": [], "extra": [], "stale": [], "devices": devices})
+            .to_string(),
+        );
+    }
+    let messages: Vec<Value> = listed
+        .iter()
+        .map(|(id, _)| json!({"device_id": id, "id": Uuid::now_v7()}))
+        .collect();
     (
         201,
-        json!({"id": Uuid::now_v7(), "sender_id": Uuid::now_v7(), "recipient_id": to,
-               "timestamp": Utc::now(), "expires_at": Utc::now() + TimeDelta::days(7)})
+        json!({"sender_id": Uuid::now_v7(), "sender_device_id": 1, "recipient_id": to,
+               "timestamp": Utc::now(), "expires_at": Utc::now() + TimeDelta::days(7),
+               "messages": messages})
         .to_string(),
     )
 }
@@ -172,6 +231,7 @@ impl Alice {
                 api: server.base.clone(),
                 name: "alice".into(),
                 user_id: me.id,
+                device_id: 1,
                 registered_at: Utc::now(),
             })
             .unwrap();
@@ -182,11 +242,18 @@ impl Alice {
                 api: server.base.clone(),
             })
             .unwrap();
-        Alice {
+        drop(_lock);
+        let alice = Alice {
             home,
             me,
             base: server.base.clone(),
-        }
+        };
+        let me = Party {
+            id: alice.me.id,
+            key: PrivateKey::from_bytes(*alice.me.key.as_bytes()),
+        };
+        alice.pin("alice", &me);
+        alice
     }
 
     fn profile(&self) -> Profile {
@@ -199,7 +266,7 @@ impl Alice {
         let mut contacts = p.contacts().unwrap();
         contacts
             .by_id
-            .insert(who.id, Contact::new(name, &who.public(), Utc::now()));
+            .insert(who.id, Contact::new(name, &[(1, who.public())], Utc::now()));
         p.save_contacts(&contacts).unwrap();
     }
 
@@ -207,12 +274,21 @@ impl Alice {
         self.profile().contacts().unwrap()
     }
 
+    /// Her contacts but herself.
+    fn others(&self) -> usize {
+        self.contacts()
+            .by_id
+            .keys()
+            .filter(|id| **id != self.me.id)
+            .count()
+    }
+
     /// The pinned fingerprint of the contact `id`, if any.
     fn pinned(&self, id: Uuid) -> Option<String> {
         self.contacts()
             .by_id
             .get(&id)
-            .map(|c| c.current().fingerprint.clone())
+            .and_then(|c| c.primary().map(|k| k.fingerprint.clone()))
     }
 
     /// Runs `messenger --profile alice --api BASE ARGS...` with no terminal and no password.
@@ -278,13 +354,14 @@ fn grouped(fp: &str) -> String {
 // ------------------------------------------------------------------------------ 1: send
 
 #[test]
-fn send_refuses_a_look_alike_name_for_a_pinned_contact_and_sends_nothing() {
+fn send_to_a_pinned_contact_never_asks_the_directory_for_the_name_so_a_look_alike_cannot_redirect_it()
+ {
     let (bob, mallory) = (Party::new(), Party::new());
-    let mallory_key = mallory.public();
+    let (bob_id, bob_key, mallory_key) = (bob.id, bob.public(), mallory.public());
     let server = Server::start(move |r| match (r.method.as_str(), r.path.as_str()) {
         // "bоb", with a Cyrillic о, and Mallory's id and key.
         ("GET", "/users") => directory(mallory.id, "b\u{43e}b", &mallory_key),
-        ("POST", "/messages") => created(mallory.id),
+        ("POST", "/messages/devices") => send_to(r, bob_id, &[(1, bob_key)]),
         _ => not_found(),
     });
     let alice = Alice::new(&server);
@@ -292,10 +369,17 @@ fn send_refuses_a_look_alike_name_for_a_pinned_contact_and_sends_nothing() {
     let before = alice.contacts();
 
     let run = alice.run(&["send", "bob", "the secret"]);
-    assert_eq!(run.code, KEY_CHANGED, "{run:?}");
-    assert_eq!(server.posted_messages(), 0, "nothing may be sent: {run:?}");
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(
+        !server.looked_up_names(),
+        "a pinned name is never looked up"
+    );
+    assert_eq!(
+        server.posted_messages(),
+        1,
+        "to the pinned account: {run:?}"
+    );
     assert_eq!(alice.contacts().by_id, before.by_id, "nothing pinned");
-    assert!(run.stderr.contains("Nothing was sent"), "{run:?}");
 }
 
 #[test]
@@ -304,7 +388,7 @@ fn send_refuses_a_first_contact_answer_that_names_someone_else() {
     let mallory_key = mallory.public();
     let server = Server::start(move |r| match (r.method.as_str(), r.path.as_str()) {
         ("GET", "/users") => directory(mallory.id, "mallory", &mallory_key),
-        ("POST", "/messages") => created(mallory.id),
+        ("POST", "/messages/devices") => send_to(r, mallory.id, &[(1, mallory_key)]),
         _ => not_found(),
     });
     let alice = Alice::new(&server);
@@ -312,7 +396,7 @@ fn send_refuses_a_first_contact_answer_that_names_someone_else() {
     let run = alice.run(&["send", "carol", "hello carol"]);
     assert_eq!(run.code, KEY_CHANGED, "{run:?}");
     assert_eq!(server.posted_messages(), 0, "{run:?}");
-    assert!(alice.contacts().by_id.is_empty(), "nothing pinned");
+    assert_eq!(alice.others(), 0, "nothing pinned");
 }
 
 #[test]
@@ -321,7 +405,7 @@ fn send_accepts_the_asked_name_in_another_case() {
     let (bob_id, bob_key) = (bob.id, bob.public());
     let server = Server::start(move |r| match (r.method.as_str(), r.path.as_str()) {
         ("GET", "/users") => directory(bob_id, "Bob", &bob_key),
-        ("POST", "/messages") => created(bob_id),
+        ("POST", "/messages/devices") => send_to(r, bob_id, &[(1, bob_key)]),
         _ => not_found(),
     });
     let alice = Alice::new(&server);
@@ -336,9 +420,9 @@ fn send_refuses_an_answer_that_gives_a_pinned_name_another_pinned_contacts_id() 
     let (bob, mallory) = (Party::new(), Party::new());
     let (mallory_id, mallory_key) = (mallory.id, mallory.public());
     let server = Server::start(move |r| match (r.method.as_str(), r.path.as_str()) {
-        // Mallory is a contact too: her id and her (pinned) key, under Bob's name.
+        // Bob's account is gone (404 to the send); Mallory is a contact too: her id and her
+        // (pinned) key, under Bob's name.
         ("GET", "/users") => directory(mallory_id, "bob", &mallory_key),
-        ("POST", "/messages") => created(mallory_id),
         _ => not_found(),
     });
     let alice = Alice::new(&server);
@@ -355,7 +439,7 @@ fn send_refuses_an_answer_that_gives_a_pinned_name_another_pinned_contacts_id() 
         before
             .by_id
             .get(&bob.id)
-            .map(|c| c.current().fingerprint.clone())
+            .and_then(|c| c.primary().map(|k| k.fingerprint.clone()))
     );
 }
 
@@ -365,7 +449,7 @@ fn send_to_a_pinned_contact_whose_key_changed_sends_nothing_and_names_both_keys(
     let bob_id = bob.id;
     let server = Server::start(move |r| match (r.method.as_str(), r.path.as_str()) {
         ("GET", "/users") => directory(bob_id, "bob", &bob_new),
-        ("POST", "/messages") => created(bob_id),
+        ("POST", "/messages/devices") => send_to(r, bob_id, &[(1, bob_new)]),
         _ => not_found(),
     });
     let alice = Alice::new(&server);
@@ -392,7 +476,10 @@ fn a_name_taken_by_another_account_is_refused_until_trust_accepts_the_account_sh
     let (new_id, new_key) = (new_bob.id, new_bob.public());
     let server = Server::start(move |r| match (r.method.as_str(), r.path.as_str()) {
         ("GET", "/users") => directory(new_id, "bob", &new_key),
-        ("POST", "/messages") => created(new_id),
+        ("GET", p) if p == format!("/users/{new_id}/devices") => devices(new_id, &new_key),
+        ("POST", "/messages/devices") if r.body.contains(&new_id.to_string()) => {
+            send_to(r, new_id, &[(1, new_key)])
+        }
         _ => not_found(),
     });
     let alice = Alice::new(&server);
@@ -419,7 +506,7 @@ fn a_name_taken_by_another_account_is_refused_until_trust_accepts_the_account_sh
     let posted = server
         .requests()
         .into_iter()
-        .find(|r| r.path == "/messages")
+        .find(|r| r.path == "/messages/devices" && r.status == 201)
         .unwrap();
     assert!(posted.body.contains(&new_id.to_string()), "{posted:?}");
 }
@@ -431,11 +518,18 @@ fn a_name_taken_by_another_account_is_refused_until_trust_accepts_the_account_sh
 fn swapping_server(bob: Uuid, shown: PublicKey, swapped: PublicKey) -> (Server, Arc<AtomicUsize>) {
     let swap = Arc::new(AtomicUsize::new(0));
     let phase = swap.clone();
-    let server = Server::start(move |r| match (r.method.as_str(), r.path.as_str()) {
-        ("GET", "/users") if phase.load(Ordering::SeqCst) == 0 => directory(bob, "bob", &shown),
-        ("GET", "/users") => directory(bob, "bob", &swapped),
-        ("POST", "/messages") => created(bob),
-        _ => not_found(),
+    let server = Server::start(move |r| {
+        let now = if phase.load(Ordering::SeqCst) == 0 {
+            shown
+        } else {
+            swapped
+        };
+        match (r.method.as_str(), r.path.as_str()) {
+            ("GET", "/users") => directory(bob, "bob", &now),
+            ("GET", p) if p == format!("/users/{bob}/devices") => devices(bob, &now),
+            ("POST", "/messages/devices") => send_to(r, bob, &[(1, now)]),
+            _ => not_found(),
+        }
     });
     (server, swap)
 }
@@ -545,14 +639,18 @@ fn a_message_shown_before_a_failure_later_in_its_page_is_never_shown_again() {
             json!({"messages": *messages.lock().unwrap(), "has_more": false}).to_string(),
         ),
         ("GET", p) if p == format!("/public-key/{bob_id}") => directory(bob_id, "bob", &bob_key),
+        ("GET", p) if p == format!("/users/{bob_id}/devices") => devices(bob_id, &bob_key),
         ("GET", p) if p == format!("/public-key/{carol_id}") => {
+            directory(carol_id, "carol", &carol_key)
+        }
+        ("GET", p) if p == format!("/users/{carol_id}/devices") => {
             if fails.load(Ordering::SeqCst) == 1 {
                 (
                     500,
                     json!({"error": "internal", "message": "boom"}).to_string(),
                 )
             } else {
-                directory(carol_id, "carol", &carol_key)
+                devices(carol_id, &carol_key)
             }
         }
         ("POST", "/messages/delivered") => {
@@ -634,6 +732,7 @@ fn names_and_texts_from_a_sender_are_shown_with_control_characters_escaped() {
         ("GET", p) if p == format!("/public-key/{eve_id}") => {
             directory(eve_id, "eve\u{1b}[8m\u{202e}", &eve_key)
         }
+        ("GET", p) if p == format!("/users/{eve_id}/devices") => devices(eve_id, &eve_key),
         ("POST", "/messages/delivered") => {
             (200, json!({"confirmed": 1, "not_found": []}).to_string())
         }
@@ -685,7 +784,7 @@ fn a_small_order_key_is_a_clear_error_never_a_panic_and_is_never_pinned() {
     let zero = PublicKey([0; 32]);
     let server = Server::start(move |r| match (r.method.as_str(), r.path.as_str()) {
         ("GET", "/users") => directory(bob_id, "bob", &zero),
-        ("POST", "/messages") => created(bob_id),
+        ("GET", p) if p == format!("/users/{bob_id}/devices") => devices(bob_id, &zero),
         _ => not_found(),
     });
     let alice = Alice::new(&server);
@@ -699,12 +798,12 @@ fn a_small_order_key_is_a_clear_error_never_a_panic_and_is_never_pinned() {
     assert!(run.stderr.contains("small-order"), "{run:?}");
     assert!(!run.stderr.contains("panicked"), "{run:?}");
     assert_eq!(server.posted_messages(), 0);
-    assert!(alice.contacts().by_id.is_empty(), "not pinned");
+    assert_eq!(alice.others(), 0, "not pinned");
 
     let run = alice.run(&["trust", "bob", "--fingerprint", &zero.fingerprint()]);
     assert_eq!(run.code, Some(1), "{run:?}");
     assert!(run.stderr.contains("small-order"), "{run:?}");
-    assert!(alice.contacts().by_id.is_empty(), "not pinned");
+    assert_eq!(alice.others(), 0, "not pinned");
 }
 
 #[test]
@@ -721,6 +820,9 @@ fn a_message_from_a_sender_with_a_small_order_key_is_dropped_and_the_key_not_pin
         ("GET", p) if p == format!("/public-key/{eve_id}") => {
             directory(eve_id, "eve", &PublicKey([0; 32]))
         }
+        ("GET", p) if p == format!("/users/{eve_id}/devices") => {
+            devices(eve_id, &PublicKey([0; 32]))
+        }
         ("POST", "/messages/delivered") => {
             (200, json!({"confirmed": 1, "not_found": []}).to_string())
         }
@@ -734,5 +836,5 @@ fn a_message_from_a_sender_with_a_small_order_key_is_dropped_and_the_key_not_pin
     assert_eq!(report["messages"].as_array().unwrap().len(), 0, "{run:?}");
     let reason = report["dropped"][0]["reason"].as_str().unwrap_or("");
     assert!(reason.contains("small-order"), "{run:?}");
-    assert!(alice.contacts().by_id.is_empty(), "not pinned");
+    assert_eq!(alice.others(), 0, "not pinned");
 }

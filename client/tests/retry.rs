@@ -22,7 +22,8 @@ fn send_retries_with_the_same_body_and_key() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let bob_id = Uuid::now_v7();
-    let bob_key = PrivateKey::generate().public_key().to_pem();
+    let bob_public = PrivateKey::generate().public_key();
+    let (bob_key, bob_fp) = (bob_public.to_pem(), bob_public.fingerprint());
     let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let log = seen.clone();
     std::thread::spawn(move || {
@@ -64,7 +65,14 @@ fn send_retries_with_the_same_body_and_key() {
                         serde_json::json!({"user_id": bob_id, "name": "bob", "public_key": bob_key})
                             .to_string(),
                     )
-                } else if line.starts_with("POST /messages ") {
+                } else if line.starts_with(&format!("GET /users/{bob_id}/devices ")) {
+                    (
+                        "200 OK",
+                        serde_json::json!({"user_id": bob_id, "devices": [{"device_id": 1,
+                            "public_key": bob_key, "key_fingerprint": bob_fp}]})
+                        .to_string(),
+                    )
+                } else if line.starts_with("POST /messages/devices ") {
                     posts += 1;
                     match posts {
                         // The answer is lost: the connection closes without one.
@@ -76,9 +84,10 @@ fn send_retries_with_the_same_body_and_key() {
                         ),
                         _ => (
                             "201 Created",
-                            serde_json::json!({"id": Uuid::now_v7(), "sender_id": Uuid::now_v7(),
+                            serde_json::json!({"sender_id": Uuid::now_v7(), "sender_device_id": 1,
                                 "recipient_id": bob_id, "timestamp": "2026-01-01T00:00:00Z",
-                                "expires_at": "2026-01-08T00:00:00Z"})
+                                "expires_at": "2026-01-08T00:00:00Z",
+                                "messages": [{"device_id": 1, "id": Uuid::now_v7()}]})
                             .to_string(),
                         ),
                     }
@@ -111,6 +120,7 @@ fn send_retries_with_the_same_body_and_key() {
                 api: base.clone(),
                 name: "alice".into(),
                 user_id: Uuid::now_v7(),
+                device_id: 1,
                 registered_at: chrono::Utc::now(),
             })
             .unwrap();
@@ -129,7 +139,7 @@ fn send_retries_with_the_same_body_and_key() {
     let seen = seen.lock().unwrap().clone();
     let posts: Vec<&Seen> = seen
         .iter()
-        .filter(|s| s.line.starts_with("POST /messages "))
+        .filter(|s| s.line.starts_with("POST /messages/devices "))
         .collect();
     assert_eq!(posts.len(), 3, "{seen:?}");
     let key = posts[0]
