@@ -11,6 +11,7 @@ mod devices;
 mod fan_out;
 mod faults;
 mod guarantees;
+mod mailbox_counters;
 mod messaging;
 mod operations;
 mod prekeys;
