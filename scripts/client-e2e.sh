@@ -3,7 +3,9 @@
 #   scripts/client-e2e.sh [API_URL]          (default $MESSENGER_API, else http://127.0.0.1:9000)
 # Two profiles in a temporary MESSENGER_HOME exchange 100 messages through the CLI (each arrives
 # once and intact); a contact's key change is refused until `trust`; `rotate-key` loses nothing
-# in flight; an expired or revoked token is renewed by logging in again; accounts are deleted.
+# in flight; each user links a second device (link, join, trust) and 40 messages reach all four
+# devices once each, a device is removed; an expired or revoked token is renewed by logging in
+# again; accounts are deleted.
 # Optional:
 #   DATABASE_URL  the API's database: every column of every table is dumped while messages are
 #                 pending, and no plaintext may appear in it (as text or as hex); and a
@@ -47,10 +49,12 @@ pa="pw-a-$(rand)" pb="pw-b-$(rand)" pc="pw-c-$(rand)"
 A() { MESSENGER_PASSWORD="$pa" "$MESSENGER" --profile a "$@"; }
 B() { MESSENGER_PASSWORD="$pb" "$MESSENGER" --profile b "$@"; }
 C() { MESSENGER_PASSWORD="$pc" "$MESSENGER" --profile c "$@"; }
+A2() { MESSENGER_PASSWORD="$pa" "$MESSENGER" --profile a2 "$@"; } # alice's second device
+B2() { MESSENGER_PASSWORD="$pb" "$MESSENGER" --profile b2 "$@"; } # bob's second device
 
 : >"$work/markers"          # one unique marker per plaintext, to search the database and logs
 : >"$work/sent"             # every text sent, JSON-encoded, one per line
-for w in A B C; do : >"$work/shown-$w"; : >"$work/dropped-$w"; : >"$work/held-$w"; done
+for w in A B C A2 B2; do : >"$work/expected-$w"; : >"$work/shown-$w"; : >"$work/dropped-$w"; : >"$work/held-$w"; done
 new_text() { # N -> a unique text in $text (some with non-ASCII, quotes, a newline)
     local m="e2e-$run-$1-$(rand)"
     echo "$m" >>"$work/markers"
@@ -150,6 +154,68 @@ check "the held message opens after trust" test "$(jq -r '.messages[0].text' "$w
 check "alice can send to bob again" A send "$bob" "$text"
 inbox B
 check "bob reads it" test "$(jq -r '.messages[0].text' "$work/inbox.json")" = "$text"
+
+echo "== devices: two users with two devices each; every message reaches every device once"
+code=$(A --json link | jq -r .code)
+check "a link code is 12 Crockford base32 characters, shown in groups of 4" \
+    grep -qE '^[0-9A-HJKMNP-TV-Z]{4}-[0-9A-HJKMNP-TV-Z]{4}-[0-9A-HJKMNP-TV-Z]{4}$' <<<"$code"
+check "alice's laptop joins her account with it" A2 --json join "$alice" "$(tr 'A-Z' 'a-z' <<<"$code")" --label "alice laptop"
+check "the code is used up (3)" \
+    test "$(MESSENGER_PASSWORD="$pa" status "$MESSENGER" --profile a3 join "$alice" "$code")" = 3
+check "the laptop is device 2" test "$(A2 --json whoami | jq -r .device_id)" = 2
+check "alice's phone lists the laptop as not accepted yet" grep -q "device 2  alice laptop.*not accepted" <(A devices)
+a2fp=$(A2 --json whoami | jq -r .fingerprint)
+check "alice's phone accepts her laptop (checked fingerprint)" A trust "$alice" --fingerprint "$a2fp"
+check "  and lists it as accepted" test "$(A --json devices | jq '[.devices[] | select(.accepted)] | length')" = 2
+code=$(B --json link | jq -r .code)
+check "bob's laptop joins his account" B2 join "$bob" "$code" --label "bob laptop"
+b2fp=$(B2 --json whoami | jq -r .fingerprint)
+check "bob's phone accepts his laptop" B trust "$bob" --fingerprint "$b2fp"
+new_text 400
+check "alice's send to bob is refused until she accepts his new device (5)" test "$(status A send "$bob" "$text")" = 5
+check "  naming it and its fingerprint" grep -q "new device 2 with key $(sed -E 's/(.{4})/\1 /g; s/ $//' <<<"$b2fp")" "$work/err"
+check "alice accepts bob's laptop" A trust "$bob" --fingerprint "$b2fp"
+check "bob accepts alice's laptop" B trust "$alice" --fingerprint "$a2fp"
+: >"$work/device-sends"
+for i in $(seq 401 440); do
+    new_text "$i"
+    case $((i % 4)) in # sender, its other device (a copy), the recipient's two devices
+        0) from=A other=A2 to="$bob" r1=B r2=B2 ;;
+        1) from=A2 other=A to="$bob" r1=B r2=B2 ;;
+        2) from=B other=B2 to="$alice" r1=A r2=A2 ;;
+        *) from=B2 other=B to="$alice" r1=A r2=A2 ;;
+    esac
+    if "$from" --json send "$to" "$text" >"$work/out"; then
+        jq -c '[(.messages | length), .copies]' "$work/out" >>"$work/device-sends"
+        for w in "$r1" "$r2" "$other"; do jq -cn --arg t "$text" '$t' >>"$work/expected-$w"; done
+    else
+        fail "send $i from $from"
+    fi
+    if [ "$i" = 420 ] && [ -n "${DATABASE_URL:-}" ]; then
+        dump_db
+        check "no plaintext in the database while 4 devices' mail is pending" test "$(leaks_in "$work/dump")" = 0
+    fi
+done
+check "each send sealed for both of the recipient's devices and copied to the sender's other" \
+    test "$(sort -u "$work/device-sends")" = "[2,1]"
+for w in A A2 B B2; do : >"$work/shown-$w"; inbox "$w"; inbox "$w"; done
+for w in A A2 B B2; do
+    check "device $w shows each of its $(wc -l <"$work/expected-$w") messages once and intact" \
+        cmp -s <(sort "$work/expected-$w") <(sort "$work/shown-$w")
+done
+check "a copy shows whom it was sent to" grep -q "you (device 2) to $bob" <(new_text 441; A2 send "$bob" "$text" >/dev/null; A inbox)
+check "nothing refused on any device" test "$(cat "$work"/dropped-A2 "$work"/dropped-B2 "$work"/held-A2 "$work"/held-B2 | wc -l)" = 0
+check "alice removes her laptop from her phone" A remove-device 2
+check "the laptop's token no longer works, nor a new login (3)" test "$(status A2 inbox)" = 3
+new_text 450
+check "bob's send after the removal reaches alice's phone alone (devices_changed, sealed again)" \
+    test "$(B2 --json send "$alice" "$text" | jq '.messages | length')" = 1
+inbox A
+check "alice's phone reads it" test "$(jq -r '.messages[0].text' "$work/inbox.json")" = "$text"
+check "bob's laptop removes itself, erasing its profile" B2 remove-device 2 --yes
+check "  gone" test ! -e "$MESSENGER_HOME/b2"
+inbox B
+check "bob's phone holds no copy it cannot open" test "$(jq '(.dropped | length) + (.held | length)' "$work/inbox.json")" = 0
 
 echo "== tokens are renewed by logging in again"
 tok="$MESSENGER_HOME/a/token.json"

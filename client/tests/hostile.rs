@@ -838,3 +838,135 @@ fn a_message_from_a_sender_with_a_small_order_key_is_dropped_and_the_key_not_pin
     assert!(reason.contains("small-order"), "{run:?}");
     assert_eq!(alice.others(), 0, "not pinned");
 }
+
+// ------------------------------------------------------------------------------ 6: devices
+
+/// The devices each POST /messages/devices sealed for.
+fn sealed_for(server: &Server) -> Vec<Vec<u64>> {
+    server
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path == "/messages/devices")
+        .map(|r| {
+            let body: Value = serde_json::from_str(&r.body).unwrap();
+            body["envelopes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["device_id"].as_u64().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn a_new_device_of_a_pinned_contact_is_shown_and_never_sealed_to_before_trust() {
+    let bob = Party::new();
+    let laptop = PrivateKey::generate().public_key();
+    let (bob_id, bob_key) = (bob.id, bob.public());
+    let listed = [(1, bob_key), (2, laptop)];
+    let server = Server::start(move |r| match (r.method.as_str(), r.path.as_str()) {
+        ("GET", p) if p == format!("/users/{bob_id}/devices") => (
+            200,
+            json!({"user_id": bob_id, "devices": [device(1, &bob_key), device(2, &laptop)]})
+                .to_string(),
+        ),
+        ("POST", "/messages/devices") => send_to(r, bob_id, &listed),
+        _ => not_found(),
+    });
+    let alice = Alice::new(&server);
+    alice.pin("bob", &bob);
+
+    let run = alice.run(&["send", "bob", "the secret"]);
+    assert_eq!(run.code, KEY_CHANGED, "{run:?}");
+    assert!(run.stderr.contains("new device 2"), "{run:?}");
+    assert!(
+        run.stderr.contains(&grouped(&laptop.fingerprint())),
+        "{run:?}"
+    );
+    assert!(run.stderr.contains("messenger trust bob"), "{run:?}");
+    // Shown and refused again without another request: nothing is sealed to it before trust.
+    let again = alice.run(&["send", "bob", "the secret"]);
+    assert_eq!(again.code, KEY_CHANGED, "{again:?}");
+    assert_eq!(server.posted_messages(), 0);
+    assert_eq!(sealed_for(&server), vec![vec![1]], "only the pinned device");
+
+    let run = alice.run(&["trust", "bob"]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let run = alice.run(&["--json", "send", "bob", "hello both"]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(server.posted_messages(), 1);
+    assert_eq!(sealed_for(&server).last().unwrap(), &vec![1, 2]);
+}
+
+#[test]
+fn a_removed_device_is_dropped_and_the_message_sealed_again_for_the_others() {
+    let bob = Party::new();
+    let laptop = PrivateKey::generate().public_key();
+    let (bob_id, bob_key) = (bob.id, bob.public());
+    let server = Server::start(move |r| match (r.method.as_str(), r.path.as_str()) {
+        ("POST", "/messages/devices") => send_to(r, bob_id, &[(1, bob_key)]),
+        _ => not_found(),
+    });
+    let alice = Alice::new(&server);
+    {
+        let p = alice.profile();
+        let _lock = p.lock().unwrap();
+        let mut contacts = p.contacts().unwrap();
+        contacts.by_id.insert(
+            bob_id,
+            Contact::new("bob", &[(1, bob_key), (2, laptop)], Utc::now()),
+        );
+        p.save_contacts(&contacts).unwrap();
+    }
+    let run = alice.run(&["send", "bob", "hello"]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(sealed_for(&server), vec![vec![1, 2], vec![1]]);
+    assert_eq!(server.posted_messages(), 1);
+    assert!(run.stderr.contains("no longer has device 2"), "{run:?}");
+}
+
+#[test]
+fn a_message_from_a_device_not_accepted_is_held_until_trust() {
+    let bob = Party::new();
+    let laptop = Party {
+        id: bob.id,
+        key: PrivateKey::generate(),
+    };
+    let (bob_id, bob_key, laptop_key) = (bob.id, bob.public(), laptop.public());
+    let page: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let messages = page.clone();
+    let server = Server::start(move |r| match (r.method.as_str(), r.path.as_str()) {
+        ("GET", "/messages") => (
+            200,
+            json!({"messages": *messages.lock().unwrap(), "has_more": false}).to_string(),
+        ),
+        ("GET", p) if p == format!("/users/{bob_id}/devices") => (
+            200,
+            json!({"user_id": bob_id, "devices": [device(1, &bob_key), device(2, &laptop_key)]})
+                .to_string(),
+        ),
+        ("POST", "/messages/delivered") => {
+            (200, json!({"confirmed": 1, "not_found": []}).to_string())
+        }
+        _ => not_found(),
+    });
+    let alice = Alice::new(&server);
+    alice.pin("bob", &bob);
+    let mut from_laptop = alice.message_from(&laptop, "from my laptop");
+    from_laptop["sender_device_id"] = 2.into();
+    *page.lock().unwrap() = vec![from_laptop];
+
+    let run = alice.run(&["--json", "inbox"]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let report: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(report["messages"].as_array().unwrap().len(), 0, "{run:?}");
+    assert_eq!(report["held"].as_array().unwrap().len(), 1, "{run:?}");
+    assert!(run.stderr.contains("new device 2"), "{run:?}");
+
+    *page.lock().unwrap() = vec![];
+    assert_eq!(alice.run(&["trust", "bob"]).code, Some(0));
+    let run = alice.run(&["--json", "inbox"]);
+    let report: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(report["messages"][0]["text"], "from my laptop", "{run:?}");
+}

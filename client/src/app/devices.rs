@@ -157,7 +157,7 @@ impl App {
         self.profile.save_contacts(contacts)?;
         if changes.needs_trust() {
             self.out.warn(&format!(
-                "{} If you linked it, compare with `messenger whoami` on it, then run \
+                "{}. If you linked it, compare with `messenger whoami` on it, then run \
                  `messenger trust {}`",
                 send::pending_message(&contacts.by_id[&acct.user_id])
                     .split(". Nothing was sent.")
