@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make clean-local`: stops the throwaway clusters under .local/ (`make dev`'s and `make soak`'s),
-# then removes .local/. Each cluster is stopped by the user that owns its data directory (the one
+# `make clean-local`: stops the throwaway clusters under .local/ (`make dev`'s, `make soak`'s and the
+# end-to-end run's), then removes .local/. Each cluster is stopped by the user that owns its data directory (the one
 # PostgreSQL runs as: `postgres` when the cluster was started by root, else whoever started it),
 # and nothing is removed while any of their servers still runs.
 set -euo pipefail
@@ -22,7 +22,7 @@ running_pid() {
     fi
 }
 
-for data in .local/pg/data .local/soak-pg/data; do
+for data in .local/pg/data .local/soak-pg/data .local/e2e-pg/data; do
     [ -d "$data" ] || continue
     pid=$(running_pid "$data")
     [ -n "$pid" ] || continue
@@ -47,7 +47,7 @@ for data in .local/pg/data .local/soak-pg/data; do
     fi
 done
 
-for data in .local/pg/data .local/soak-pg/data; do
+for data in .local/pg/data .local/soak-pg/data .local/e2e-pg/data; do
     pid=$(running_pid "$data")
     if [ -n "$pid" ]; then
         echo "clean-local: the server of $data (pid $pid) still runs; nothing removed" >&2

@@ -9,7 +9,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-export DATABASE_URL="$(bash scripts/database-url.sh messenger_e2e)"
+# Up to 8 instances of every function each hold a connection of their own, as on Lambda: once
+# the run has called every function and raced a few, that is more than a server's default
+# max_connections (100) allows ("too many clients": 503 from whichever instance connects last).
+# So the run has a cluster of its own sized for it, unless DATABASE_URL names a database.
+if [ -z "${DATABASE_URL:-}" ]; then
+    functions=$(ls functions/src/bin/*.rs | wc -l)
+    DATABASE_URL="$(CLUSTER_ONLY=1 CLUSTER_DIR="$PWD/.local/e2e-pg" CLUSTER_PORT="${E2E_PG_PORT:-54332}" \
+        CLUSTER_OPTIONS="-c max_connections=$((8 * functions + 50))" bash scripts/database-url.sh messenger_e2e)"
+fi
+export DATABASE_URL
 port="${E2E_PORT:-$((9100 + RANDOM % 800))}"
 base="http://127.0.0.1:$port"
 work="$(mktemp -d)"
