@@ -98,7 +98,7 @@ check "a second account in one profile is refused (2)" test "$(status A register
 check "a taken name is refused (8)" test "$(status C register "$bob")" = 8
 check "an unknown recipient is refused (4)" test "$(status A send "nobody_$run" hi)" = 4
 
-echo "== 100 messages, both ways, inboxes read as they go"
+echo "== 100 messages, both ways, inboxes read as they go (version 2: Olm sessions from claimed prekeys)"
 sends=0
 for i in $(seq 1 100); do
     new_text "$i"
@@ -115,6 +115,10 @@ for i in $(seq 1 100); do
         check "the database holds pending ciphertext while we look ($pending messages)" test "$pending" -ge 20
         check "no plaintext in any column of any table ($(wc -l <"$work/markers") texts, as text or hex)" \
             test "$(leaks_in "$work/dump")" = 0
+        ids="'$(A --json whoami | jq -r .id)', '$(B --json whoami | jq -r .id)'"
+        ours=$(psql "$DATABASE_URL" -tAc "SELECT count(*) FROM messages WHERE encrypted_data IS NOT NULL AND recipient_id IN ($ids)")
+        olm=$(psql "$DATABASE_URL" -tAc "SELECT count(*) FROM messages WHERE encrypted_data IS NOT NULL AND recipient_id IN ($ids) AND get_byte(encrypted_data, 0) = 2")
+        check "every envelope between them is version 2, Olm ($olm of $ours)" test "$olm" = "$ours" -a "$ours" -gt 0
     fi
     if [ $((i % 40)) = 0 ]; then inbox A; inbox B; fi
 done

@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use std::fmt;
 use std::time::Duration;
 use ureq::http::Response;
@@ -213,6 +214,39 @@ pub struct SentToDevices {
     pub messages: Vec<SentToDevice>,
     #[serde(skip)]
     pub replayed: bool,
+}
+
+/// One device of `GET /keys/{user_id}`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DeviceKey {
+    pub device_id: u32,
+    pub public_key: String,
+    pub key_fingerprint: String,
+    #[serde(default)]
+    pub signing_key: Option<String>,
+    #[serde(default)]
+    pub binding_sig: Option<String>,
+    #[serde(default)]
+    pub signing_key_reset: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DeviceKeys {
+    pub user_id: Uuid,
+    pub devices: Vec<DeviceKey>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClaimedDevice {
+    pub device_id: u32,
+    pub prekey: Option<crate::olm::ClaimedPrekey>,
+}
+
+/// `POST /keys/claim`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Claimed {
+    pub user_id: Uuid,
+    pub devices: Vec<ClaimedDevice>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -482,6 +516,68 @@ impl Api {
             .force_send_body()
             .send(body.to_string());
         expect_empty(resp, 204)
+    }
+
+    /// `PUT /keys/signing-key` (the body: `olm::SigningKeyUpload`).
+    pub fn set_signing_key(&self, token: &str, body: &impl Serialize) -> Result<Value, ApiError> {
+        let resp = self
+            .agent
+            .put(self.url("/keys/signing-key"))
+            .header("Authorization", bearer(token))
+            .header("Content-Type", "application/json")
+            .send(serde_json::to_string(body).expect("a JSON body"));
+        expect(resp, 200)
+    }
+
+    /// `POST /keys/prekeys` (the body: `olm::PrekeyUpload`).
+    pub fn upload_prekeys(
+        &self,
+        token: &str,
+        body: &impl Serialize,
+    ) -> Result<crate::olm::PrekeyCount, ApiError> {
+        let resp = self
+            .agent
+            .post(self.url("/keys/prekeys"))
+            .header("Authorization", bearer(token))
+            .header("Content-Type", "application/json")
+            .send(serde_json::to_string(body).expect("a JSON body"));
+        expect(resp, 200)
+    }
+
+    pub fn prekey_count(&self, token: &str) -> Result<crate::olm::PrekeyCount, ApiError> {
+        let resp = self
+            .agent
+            .get(self.url("/keys/prekeys/count"))
+            .header("Authorization", bearer(token))
+            .call();
+        expect(resp, 200)
+    }
+
+    /// `GET /keys/{user_id}`: every device's keys, nothing used up.
+    pub fn device_keys(&self, token: &str, user_id: Uuid) -> Result<DeviceKeys, ApiError> {
+        let resp = self
+            .agent
+            .get(self.url(&format!("/keys/{user_id}")))
+            .header("Authorization", bearer(token))
+            .call();
+        expect(resp, 200)
+    }
+
+    /// `POST /keys/claim` for `device_ids` of `user_id`.
+    pub fn claim_prekeys(
+        &self,
+        token: &str,
+        user_id: Uuid,
+        device_ids: &[u32],
+    ) -> Result<Claimed, ApiError> {
+        let body = serde_json::json!({"user_id": user_id, "device_ids": device_ids});
+        let resp = self
+            .agent
+            .post(self.url("/keys/claim"))
+            .header("Authorization", bearer(token))
+            .header("Content-Type", "application/json")
+            .send(body.to_string());
+        expect(resp, 200)
     }
 
     pub fn messages(&self, token: &str, after: Option<Uuid>, limit: u32) -> Result<Page, ApiError> {

@@ -17,6 +17,9 @@ pub struct Sender {
     pub keys: Vec<PublicKey>,
     /// Fingerprint of a key the directory now returns for the sender that is not pinned.
     pub changed_to: Option<String>,
+    /// Since when the sender's device has a signing key pinned: from then on it speaks version 2,
+    /// and a version 1 message from it is a downgrade (ENVELOPE.md "Version 2").
+    pub v2_since: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,29 +59,7 @@ pub fn judge(
         };
     let my_refs: Vec<&PrivateKey> = my_keys.iter().collect();
     match envelope::open(&bytes, msg.sender_id, me, &my_refs, &sender.keys) {
-        Ok(opened) => {
-            let pt = opened.plaintext;
-            if state
-                .seen
-                .contains_key(&InboxState::seen_key(msg.sender_id, pt.id))
-            {
-                return Verdict::Dropped {
-                    reason: format!(
-                        "it replays message {} from {}, already shown",
-                        pt.id, sender.name
-                    ),
-                };
-            }
-            if pt.sent_at + SEEN_FOR < now {
-                return Verdict::Dropped {
-                    reason: format!(
-                        "it was sealed at {}, longer ago than any message lives: a replay",
-                        pt.sent_at.format("%Y-%m-%d %H:%M:%S UTC")
-                    ),
-                };
-            }
-            Verdict::Shown(pt)
-        }
+        Ok(opened) => judge_opened(msg, opened.plaintext, sender, state, now),
         Err(OpenError::DoesNotOpen) if sender.changed_to.is_some() => Verdict::Held {
             new_fingerprint: sender.changed_to.clone().unwrap_or_default(),
         },
@@ -93,6 +74,37 @@ pub fn judge(
             reason: e.to_string(),
         },
     }
+}
+
+/// The verdict on a message that opened (with either version): shown, unless it replays one
+/// already shown or is older than any message lives.
+pub fn judge_opened(
+    msg: &Message,
+    pt: Plaintext,
+    sender: &Sender,
+    state: &InboxState,
+    now: DateTime<Utc>,
+) -> Verdict {
+    if state
+        .seen
+        .contains_key(&InboxState::seen_key(msg.sender_id, pt.id))
+    {
+        return Verdict::Dropped {
+            reason: format!(
+                "it replays message {} from {}, already shown",
+                pt.id, sender.name
+            ),
+        };
+    }
+    if pt.sent_at + SEEN_FOR < now {
+        return Verdict::Dropped {
+            reason: format!(
+                "it was sealed at {}, longer ago than any message lives: a replay",
+                pt.sent_at.format("%Y-%m-%d %H:%M:%S UTC")
+            ),
+        };
+    }
+    Verdict::Shown(pt)
 }
 
 /// Records a shown message against replays.
@@ -137,6 +149,7 @@ mod tests {
 
     fn sender(p: &Party) -> Sender {
         Sender {
+            v2_since: None,
             name: "alice".into(),
             keys: vec![p.key.public_key()],
             changed_to: None,
@@ -284,6 +297,7 @@ mod tests {
         assert!(r.contains("not alice's"), "{r}");
         // When the directory also shows Mallory's key as Alice's, it is held, never opened.
         let changed = Sender {
+            v2_since: None,
             changed_to: Some(mallory.key.public_key().fingerprint()),
             ..sender(&alice)
         };

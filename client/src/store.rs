@@ -213,6 +213,15 @@ impl Profile {
         self.remove(TOKEN)
     }
 
+    pub fn olm(&self) -> Result<Option<OlmFile>, StoreError> {
+        self.read(OLM)
+    }
+    /// Written after every message sealed or opened with version 2, before it is sent or shown:
+    /// a crash never reuses a message key nor loses a ratchet step.
+    pub fn save_olm(&self, o: &OlmFile) -> Result<(), StoreError> {
+        self.write(OLM, o)
+    }
+
     /// Erases the whole profile (after the account is deleted).
     pub fn erase(self, _lock: ProfileLock) -> Result<(), StoreError> {
         fs::remove_dir_all(&self.dir).map_err(io(&self.dir))
@@ -223,6 +232,35 @@ const ACCOUNT: &str = "account.json";
 const KEYS: &str = "keys.json";
 const CONTACTS: &str = "contacts.json";
 const INBOX: &str = "inbox.json";
+const OLM: &str = "olm.json";
+
+/// This device's Olm account and sessions (ENVELOPE.md "Version 2"), as `olm::OlmState` writes
+/// them, with what the server was told.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct OlmFile {
+    pub state: String,
+    /// The signing key and a first set of prekeys are on the server.
+    #[serde(default)]
+    pub published: bool,
+    /// Since when (peers that read our keys since then seal version 2 to us).
+    #[serde(default)]
+    pub published_at: Option<DateTime<Utc>>,
+    /// When the server's prekey count was last read (none: read it at the next chance).
+    #[serde(default)]
+    pub prekeys_checked_at: Option<DateTime<Utc>>,
+}
+
+impl std::fmt::Debug for OlmFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OlmFile(.., published: {})", self.published)
+    }
+}
+
+impl Drop for OlmFile {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.state);
+    }
+}
 const TOKEN: &str = "token.json";
 
 /// Which account this profile holds, and on which API.
@@ -380,6 +418,27 @@ pub struct DevicePins {
     /// still open what it sent for `MESSAGE_TTL`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub removed_at: Option<DateTime<Utc>>,
+    /// Its Ed25519 signing key (PEM), pinned the first time the directory showed one bound to
+    /// the pinned key: from then on messages to it are version 2, and a directory answer with
+    /// another signing key or none is a key change (ENVELOPE.md "Version 2": no downgrade).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing: Option<SigningPin>,
+    /// A signing key (or none) the directory showed that is not the pinned one: shown, and
+    /// accepted only by `trust`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_signing: Option<PendingSigning>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PendingSigning {
+    /// None: the directory shows no signing key for the device any more.
+    pub signing_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SigningPin {
+    pub signing_key: String,
+    pub pinned_at: DateTime<Utc>,
 }
 
 impl DevicePins {
@@ -393,6 +452,8 @@ impl DevicePins {
             }],
             pending: None,
             removed_at: None,
+            signing: None,
+            pending_signing: None,
         }
     }
 
@@ -423,6 +484,9 @@ impl DevicePins {
         if self.current().is_some_and(|k| k.fingerprint == fp) {
             return;
         }
+        // A new device key comes with its own signing key: pinned anew when the directory shows it.
+        self.signing = None;
+        self.pending_signing = None;
         for k in self.keys.iter_mut().filter(|k| k.replaced_at.is_none()) {
             k.replaced_at = Some(now);
         }
@@ -511,6 +575,8 @@ impl From<ContactOnDisk> for Contact {
                     keys: c.keys,
                     pending: device_pending,
                     removed_at: None,
+                    signing: None,
+                    pending_signing: None,
                 },
             )])
         });
@@ -554,13 +620,62 @@ impl Contact {
             .collect()
     }
 
+    /// [`Self::sealing_keys`] with each device's pinned signing key (PEM), if any: those get
+    /// version 2.
+    pub fn sealing_targets(&self) -> Vec<(u32, PublicKey, Option<String>)> {
+        self.sealing_keys()
+            .into_iter()
+            .map(|(id, k)| {
+                let signing = self.devices[&id]
+                    .signing
+                    .as_ref()
+                    .map(|s| s.signing_key.clone());
+                (id, k, signing)
+            })
+            .collect()
+    }
+
     /// Whether a shown key waits for `trust`.
     pub fn has_pending(&self) -> bool {
         self.pending_account.is_some()
-            || self
-                .devices
-                .values()
-                .any(|d| d.pending.is_some() && d.removed_at.is_none())
+            || self.devices.values().any(|d| {
+                (d.pending.is_some() || d.pending_signing.is_some()) && d.removed_at.is_none()
+            })
+    }
+
+    /// Brings the signing keys up to the directory's (`(device id, signing key PEM)` of devices
+    /// whose listed key is the pinned one, binding checked by the caller): one never pinned is
+    /// pinned now (its device's key is already trusted); another one, or none where one is
+    /// pinned, is recorded as shown and waits for `trust`. Returns the devices so changed.
+    pub fn reconcile_signing(
+        &mut self,
+        listed: &[(u32, Option<String>)],
+        now: DateTime<Utc>,
+    ) -> Vec<u32> {
+        let mut changed = Vec::new();
+        for (id, listed) in listed {
+            let Some(pins) = self.devices.get_mut(id) else {
+                continue;
+            };
+            match (&pins.signing, listed) {
+                (None, Some(key)) => {
+                    pins.signing = Some(SigningPin {
+                        signing_key: key.clone(),
+                        pinned_at: now,
+                    });
+                    pins.pending_signing = None;
+                }
+                (None, None) => pins.pending_signing = None,
+                (Some(pin), Some(key)) if pin.signing_key == *key => pins.pending_signing = None,
+                (Some(_), other) => {
+                    pins.pending_signing = Some(PendingSigning {
+                        signing_key: other.clone(),
+                    });
+                    changed.push(*id);
+                }
+            }
+        }
+        changed
     }
 
     /// Brings the pins up to the directory's `listed` devices: a device never accepted or a
@@ -614,6 +729,17 @@ impl Contact {
         now: DateTime<Utc>,
     ) -> Vec<(u32, Option<String>, String)> {
         let mut accepted = Vec::new();
+        for pins in self.devices.values_mut() {
+            if only.is_none()
+                && pins.removed_at.is_none()
+                && let Some(signing) = pins.pending_signing.take()
+            {
+                pins.signing = signing.signing_key.map(|signing_key| SigningPin {
+                    signing_key,
+                    pinned_at: now,
+                });
+            }
+        }
         for (id, pins) in self.devices.iter_mut() {
             let Some(p) = pins.pending.clone() else {
                 continue;
@@ -627,6 +753,10 @@ impl Contact {
             let previous = pins.current().map(|k| k.fingerprint.clone());
             pins.accept(&key, now);
             accepted.push((*id, previous, p.fingerprint));
+        }
+        if !accepted.is_empty() {
+            // Their signing keys are read (and pinned) before the next message to them.
+            self.devices_checked_at = None;
         }
         accepted
     }

@@ -138,7 +138,12 @@ fn directory(id: Uuid, name: &str, key: &PublicKey) -> (u16, String) {
     )
 }
 
-/// `GET /users/{id}/devices` of an account with one device, device 1 with `key`.
+/// `GET /users/{id}/devices` or `GET /keys/{id}` (the client reads either).
+fn is_devices(path: &str, id: Uuid) -> bool {
+    path == format!("/users/{id}/devices") || path == format!("/keys/{id}")
+}
+
+/// `GET /users/{id}/devices` (or `GET /keys/{id}`: no signing keys) of an account with one device, device 1 with `key`.
 fn devices(id: Uuid, key: &PublicKey) -> (u16, String) {
     (
         200,
@@ -476,7 +481,7 @@ fn a_name_taken_by_another_account_is_refused_until_trust_accepts_the_account_sh
     let (new_id, new_key) = (new_bob.id, new_bob.public());
     let server = Server::start(move |r| match (r.method.as_str(), r.path.as_str()) {
         ("GET", "/users") => directory(new_id, "bob", &new_key),
-        ("GET", p) if p == format!("/users/{new_id}/devices") => devices(new_id, &new_key),
+        ("GET", p) if is_devices(p, new_id) => devices(new_id, &new_key),
         ("POST", "/messages/devices") if r.body.contains(&new_id.to_string()) => {
             send_to(r, new_id, &[(1, new_key)])
         }
@@ -526,7 +531,7 @@ fn swapping_server(bob: Uuid, shown: PublicKey, swapped: PublicKey) -> (Server, 
         };
         match (r.method.as_str(), r.path.as_str()) {
             ("GET", "/users") => directory(bob, "bob", &now),
-            ("GET", p) if p == format!("/users/{bob}/devices") => devices(bob, &now),
+            ("GET", p) if is_devices(p, bob) => devices(bob, &now),
             ("POST", "/messages/devices") => send_to(r, bob, &[(1, now)]),
             _ => not_found(),
         }
@@ -639,11 +644,11 @@ fn a_message_shown_before_a_failure_later_in_its_page_is_never_shown_again() {
             json!({"messages": *messages.lock().unwrap(), "has_more": false}).to_string(),
         ),
         ("GET", p) if p == format!("/public-key/{bob_id}") => directory(bob_id, "bob", &bob_key),
-        ("GET", p) if p == format!("/users/{bob_id}/devices") => devices(bob_id, &bob_key),
+        ("GET", p) if is_devices(p, bob_id) => devices(bob_id, &bob_key),
         ("GET", p) if p == format!("/public-key/{carol_id}") => {
             directory(carol_id, "carol", &carol_key)
         }
-        ("GET", p) if p == format!("/users/{carol_id}/devices") => {
+        ("GET", p) if is_devices(p, carol_id) => {
             if fails.load(Ordering::SeqCst) == 1 {
                 (
                     500,
@@ -732,7 +737,7 @@ fn names_and_texts_from_a_sender_are_shown_with_control_characters_escaped() {
         ("GET", p) if p == format!("/public-key/{eve_id}") => {
             directory(eve_id, "eve\u{1b}[8m\u{202e}", &eve_key)
         }
-        ("GET", p) if p == format!("/users/{eve_id}/devices") => devices(eve_id, &eve_key),
+        ("GET", p) if is_devices(p, eve_id) => devices(eve_id, &eve_key),
         ("POST", "/messages/delivered") => {
             (200, json!({"confirmed": 1, "not_found": []}).to_string())
         }
@@ -784,7 +789,7 @@ fn a_small_order_key_is_a_clear_error_never_a_panic_and_is_never_pinned() {
     let zero = PublicKey([0; 32]);
     let server = Server::start(move |r| match (r.method.as_str(), r.path.as_str()) {
         ("GET", "/users") => directory(bob_id, "bob", &zero),
-        ("GET", p) if p == format!("/users/{bob_id}/devices") => devices(bob_id, &zero),
+        ("GET", p) if is_devices(p, bob_id) => devices(bob_id, &zero),
         _ => not_found(),
     });
     let alice = Alice::new(&server);
@@ -820,9 +825,7 @@ fn a_message_from_a_sender_with_a_small_order_key_is_dropped_and_the_key_not_pin
         ("GET", p) if p == format!("/public-key/{eve_id}") => {
             directory(eve_id, "eve", &PublicKey([0; 32]))
         }
-        ("GET", p) if p == format!("/users/{eve_id}/devices") => {
-            devices(eve_id, &PublicKey([0; 32]))
-        }
+        ("GET", p) if is_devices(p, eve_id) => devices(eve_id, &PublicKey([0; 32])),
         ("POST", "/messages/delivered") => {
             (200, json!({"confirmed": 1, "not_found": []}).to_string())
         }
@@ -866,7 +869,7 @@ fn a_new_device_of_a_pinned_contact_is_shown_and_never_sealed_to_before_trust() 
     let (bob_id, bob_key) = (bob.id, bob.public());
     let listed = [(1, bob_key), (2, laptop)];
     let server = Server::start(move |r| match (r.method.as_str(), r.path.as_str()) {
-        ("GET", p) if p == format!("/users/{bob_id}/devices") => (
+        ("GET", p) if is_devices(p, bob_id) => (
             200,
             json!({"user_id": bob_id, "devices": [device(1, &bob_key), device(2, &laptop)]})
                 .to_string(),
@@ -941,7 +944,7 @@ fn a_message_from_a_device_not_accepted_is_held_until_trust() {
             200,
             json!({"messages": *messages.lock().unwrap(), "has_more": false}).to_string(),
         ),
-        ("GET", p) if p == format!("/users/{bob_id}/devices") => (
+        ("GET", p) if is_devices(p, bob_id) => (
             200,
             json!({"user_id": bob_id, "devices": [device(1, &bob_key), device(2, &laptop_key)]})
                 .to_string(),
@@ -969,4 +972,79 @@ fn a_message_from_a_device_not_accepted_is_held_until_trust() {
     let run = alice.run(&["--json", "inbox"]);
     let report: Value = serde_json::from_str(&run.stdout).unwrap();
     assert_eq!(report["messages"][0]["text"], "from my laptop", "{run:?}");
+}
+
+// ------------------------------------------------------------------------------ 7: version 2
+
+#[test]
+fn a_claimed_prekey_not_signed_by_the_pinned_signing_key_is_refused_and_nothing_is_sent() {
+    use messenger_client::olm::{DeviceAddress, OlmState};
+    let bob = Party::new();
+    let (bob_id, bob_key) = (bob.id, bob.public());
+    let mut bob_olm = OlmState::new(DeviceAddress::new(bob_id, 1), &bob.key, None).unwrap();
+    let binding = bob_olm.signing_key_upload();
+    // The server's own account signs the prekey it hands out instead of Bob's.
+    let mut mallory = OlmState::new(DeviceAddress::new(bob_id, 1), &bob.key, None).unwrap();
+    let forged = mallory.prekey_upload(1, false).unwrap().prekeys.remove(0);
+    let genuine = bob_olm.prekey_upload(1, false).unwrap().prekeys.remove(0);
+    let hand_out = Arc::new(Mutex::new(forged));
+    let claim = hand_out.clone();
+    let server = Server::start(move |r| match (r.method.as_str(), r.path.as_str()) {
+        ("GET", "/users") => directory(bob_id, "bob", &bob_key),
+        ("GET", p) if p == format!("/keys/{bob_id}") => (
+            200,
+            json!({"user_id": bob_id, "devices": [{"device_id": 1, "public_key": bob_key.to_pem(),
+                "key_fingerprint": bob_key.fingerprint(), "signing_key": binding.signing_key,
+                "binding_sig": binding.binding_sig, "signing_key_reset": false,
+                "last_resort": null}]})
+            .to_string(),
+        ),
+        ("POST", "/keys/claim") => {
+            let p = claim.lock().unwrap().clone();
+            (
+                200,
+                json!({"user_id": bob_id, "devices": [{"device_id": 1, "prekey": {
+                    "key_id": p.key_id, "public_key": p.public_key, "signature": p.signature,
+                    "last_resort": false}}]})
+                .to_string(),
+            )
+        }
+        ("POST", "/messages/devices") => send_to(r, bob_id, &[(1, bob_key)]),
+        _ => not_found(),
+    });
+    let alice = Alice::new(&server);
+
+    let run = alice.run(&["send", "bob", "the secret"]);
+    assert_eq!(run.code, KEY_CHANGED, "{run:?}");
+    assert!(run.stderr.contains("prekey is refused"), "{run:?}");
+    assert_eq!(
+        server.posted_messages(),
+        0,
+        "nothing sealed to a forged prekey"
+    );
+    assert_eq!(sealed_for(&server).len(), 0, "{run:?}");
+
+    // Bob's own prekey: a version 2 session, and the envelope starts with 0x02.
+    *hand_out.lock().unwrap() = genuine;
+    let run = alice.run(&["send", "bob", "the secret"]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let posted = server
+        .requests()
+        .into_iter()
+        .find(|r| r.path == "/messages/devices" && r.status == 201)
+        .unwrap();
+    let body: Value = serde_json::from_str(&posted.body).unwrap();
+    let sealed = base64::engine::general_purpose::STANDARD
+        .decode(body["envelopes"][0]["encrypted_data"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(&sealed[..2], &[2, 0], "an Olm pre-key message");
+    bob_olm.mark_prekeys_published();
+    let opened = bob_olm
+        .decrypt(
+            &sealed,
+            DeviceAddress::new(alice.me.id, 1),
+            &alice.me.public(),
+        )
+        .unwrap();
+    assert_eq!(opened.plaintext.text, "the secret");
 }

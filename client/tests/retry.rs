@@ -65,7 +65,9 @@ fn send_retries_with_the_same_body_and_key() {
                         serde_json::json!({"user_id": bob_id, "name": "bob", "public_key": bob_key})
                             .to_string(),
                     )
-                } else if line.starts_with(&format!("GET /users/{bob_id}/devices ")) {
+                } else if line.starts_with(&format!("GET /users/{bob_id}/devices "))
+                    || line.starts_with(&format!("GET /keys/{bob_id} "))
+                {
                     (
                         "200 OK",
                         serde_json::json!({"user_id": bob_id, "devices": [{"device_id": 1,

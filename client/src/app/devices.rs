@@ -74,42 +74,13 @@ impl App {
             .collect()
     }
 
-    /// `GET /users/{id}/devices`, checked: the answer is for the account asked.
-    pub(super) fn listed_devices(
-        &self,
-        user_id: Uuid,
-        whose: &str,
-    ) -> Result<Vec<(u32, PublicKey)>, Error> {
-        let listed = self.authed(&format!("reading {whose}'s devices"), |api, t| {
-            api.user_devices(t, user_id)
-        })?;
-        if listed.user_id != user_id {
-            return Err(Error::KeyChanged(format!(
-                "the directory answered the device list of {whose} with another account's ({}); \
-                 nothing was sent or pinned",
-                listed.user_id
-            )));
-        }
-        self.listed_from(whose, &listed.devices)
-    }
-
-    /// Our own devices (`GET /me/devices`); this device's entry must hold our current key.
-    fn own_listed(&self, acct: &Account) -> Result<Vec<(u32, PublicKey)>, Error> {
-        let mine = self.authed("reading your devices", |api, t| api.my_devices(t))?;
-        let listed: Vec<DirectoryDevice> = mine
-            .devices
-            .iter()
-            .map(|d| DirectoryDevice {
-                device_id: d.device_id,
-                public_key: d.public_key.clone(),
-                key_fingerprint: d.key_fingerprint.clone(),
-                key_updated_at: d.key_updated_at,
-            })
-            .collect();
-        let listed = self.listed_from(&acct.name, &listed)?;
+    /// Our own devices and their signing keys (`GET /keys/{our id}`); this device's entry must
+    /// hold our current key.
+    fn own_listed(&self, acct: &Account) -> Result<olm_device::ListedKeys, Error> {
+        let (listed, signing) = self.listed_keys(acct.user_id, &acct.name)?;
         let ours = self.keyring()?.current.fingerprint.clone();
         match listed.iter().find(|(id, _)| *id == acct.device_id) {
-            Some((_, k)) if k.fingerprint() == ours => Ok(listed),
+            Some((_, k)) if k.fingerprint() == ours => Ok((listed, signing)),
             Some((_, k)) => Err(Error::KeyChanged(format!(
                 "the server lists the key {} for this device (device {}), but its key is {}",
                 group_fingerprint(&k.fingerprint()),
@@ -124,7 +95,7 @@ impl App {
     }
 
     /// Our own account as a contact (its devices are pinned like anyone's): made on first use
-    /// from `GET /me/devices` (trust on first use, as for any first contact).
+    /// from `GET /keys/{our id}` (trust on first use, as for any first contact).
     pub(super) fn own_contact<'c>(
         &self,
         acct: &Account,
@@ -133,8 +104,10 @@ impl App {
         if let std::collections::btree_map::Entry::Vacant(entry) =
             contacts.by_id.entry(acct.user_id)
         {
-            let listed = self.own_listed(acct)?;
-            entry.insert(Contact::new(&acct.name, &listed, Utc::now()));
+            let (listed, signing) = self.own_listed(acct)?;
+            let mut me = Contact::new(&acct.name, &listed, Utc::now());
+            me.reconcile_signing(&signing, Utc::now());
+            entry.insert(me);
             self.profile.save_contacts(contacts)?;
         }
         Ok(&contacts.by_id[&acct.user_id])
@@ -148,12 +121,15 @@ impl App {
         contacts: &mut Contacts,
     ) -> Result<DeviceChanges, Error> {
         self.own_contact(acct, contacts)?;
-        let listed = self.own_listed(acct)?;
+        let (listed, signing) = self.own_listed(acct)?;
         let me = contacts
             .by_id
             .get_mut(&acct.user_id)
             .expect("own_contact made it");
-        let changes = me.reconcile(&listed, Utc::now());
+        let mut changes = me.reconcile(&listed, Utc::now());
+        for id in me.reconcile_signing(&signing, Utc::now()) {
+            changes.changed.push((id, String::new(), String::new()));
+        }
         self.profile.save_contacts(contacts)?;
         if changes.needs_trust() {
             self.out.warn(&format!(
@@ -258,6 +234,7 @@ impl App {
         self.profile.save_account(&acct)?;
         let mut contacts = self.profile.contacts()?;
         self.own_contact(&acct, &mut contacts)?;
+        self.publish_prekeys_or_warn(&acct);
         let fp = key.public_key().fingerprint();
         self.out.say(&format!(
             "joined {} as device {} ({})",

@@ -3,6 +3,7 @@
 mod contacts;
 mod delete_account;
 mod devices;
+mod olm_device;
 mod read_inbox;
 mod register;
 mod rotate_key;
@@ -204,6 +205,8 @@ pub struct App {
     pub api: Api,
     pub out: Output,
     batch_confirm: Cell<bool>,
+    /// This device's Olm state while `inbox` opens version 2 messages (loaded on first use).
+    olm: std::cell::RefCell<Option<olm_device::OlmDevice>>,
 }
 
 fn rfc3339(t: DateTime<Utc>) -> String {
@@ -252,6 +255,7 @@ impl App {
             api: Api::new(&base),
             out,
             batch_confirm: Cell::new(true),
+            olm: std::cell::RefCell::new(None),
         })
     }
 

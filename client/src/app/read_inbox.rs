@@ -15,8 +15,8 @@ impl App {
         notes: &mut Vec<String>,
         now: DateTime<Utc>,
     ) -> Result<Result<(), String>, Error> {
-        let listed = match self.call(|api, t| api.user_devices(t, id)) {
-            Ok(l) if l.user_id == id => Some(self.listed_from("its sender", &l.devices)),
+        let listed = match self.call(|api, t| api.device_keys(t, id)) {
+            Ok(l) if l.user_id == id => Some(self.keys_from("its sender", id, &l.devices)),
             Ok(l) => Some(Err(Error::Other(format!(
                 "the directory answered the device list of its sender {id} with another \
                  account's ({})",
@@ -28,9 +28,10 @@ impl App {
         };
         let mut note = None;
         let outcome = match (contacts.by_id.get_mut(&id), listed) {
-            (Some(c), Some(Ok(listed))) => {
+            (Some(c), Some(Ok((listed, signing)))) => {
                 let changes = c.reconcile(&listed, now);
-                if changes.needs_trust() {
+                let signing_changed = c.reconcile_signing(&signing, now);
+                if changes.needs_trust() || !signing_changed.is_empty() {
                     note = Some(format!(
                         "{}; messages sealed with keys not accepted are held until then",
                         send::pending_message(c).replace(" Nothing was sent.", "")
@@ -51,7 +52,7 @@ impl App {
             (Some(_), None) => Ok(()),
             (None, None) => Err("its sender's account does not exist".to_string()),
             (None, Some(Err(e))) => Err(format!("{e}; it is not pinned")),
-            (None, Some(Ok(listed))) => {
+            (None, Some(Ok((listed, signing)))) => {
                 let dir = match self.call(|api, t| api.public_key(t, id)) {
                     Ok(d) if d.user_id == id => d,
                     Ok(d) => {
@@ -103,9 +104,9 @@ impl App {
                         send::describe_devices(&listed),
                         dir.name
                     ));
-                    contacts
-                        .by_id
-                        .insert(id, Contact::new(&dir.name, &listed, now));
+                    let mut contact = Contact::new(&dir.name, &listed, now);
+                    contact.reconcile_signing(&signing, now);
+                    contacts.by_id.insert(id, contact);
                     Ok(())
                 }
             }
@@ -147,6 +148,7 @@ impl App {
                 name: format!("{} (new account)", c.name),
                 keys: Vec::new(),
                 changed_to: Some(p.fingerprint.clone()),
+                v2_since: None,
             }));
         }
         let Some(c) = contacts.by_id.get(&id) else {
@@ -163,7 +165,84 @@ impl App {
             name: c.name.clone(),
             keys: pins.opening_keys(now),
             changed_to: pins.pending.as_ref().map(|p| p.fingerprint.clone()),
+            v2_since: pins.signing.as_ref().map(|s| s.pinned_at),
         }))
+    }
+
+    /// Opens a version 2 (Olm) message from the sender's pinned identity key(s) for that device.
+    /// The Olm state is saved before the verdict is recorded or shown. One that does not open
+    /// is reported, and our next message to that device starts a new session.
+    fn judge_v2(
+        &self,
+        m: &Message,
+        sender: &Sender,
+        state: &InboxState,
+        now: DateTime<Utc>,
+    ) -> Result<Verdict, Error> {
+        use crate::olm::{DeviceAddress, OlmError};
+        let Ok(bytes) =
+            base64::engine::general_purpose::STANDARD.decode(m.encrypted_data.as_bytes())
+        else {
+            return Ok(Verdict::Dropped {
+                reason: "its encrypted_data is not base64".into(),
+            });
+        };
+        // A byte-for-byte replay of an envelope already opened: its message key is gone, so it
+        // would not open anyway; said as what it is, and no session is disturbed by it.
+        let envelope = envelope_seen_key(&bytes);
+        if state.seen.contains_key(&envelope) {
+            return Ok(Verdict::Dropped {
+                reason: format!(
+                    "it replays message {}, already shown (the same version 2 envelope)",
+                    &envelope["envelope/".len()..][..16]
+                ),
+            });
+        }
+        let acct = self.account()?;
+        let mut slot = self.olm.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(self.olm_device(&acct)?);
+        }
+        let device = slot.as_mut().expect("loaded above");
+        let from = DeviceAddress::new(m.sender_id, m.sender_device_id);
+        let mut result = Err(OlmError::IdentityKeyMismatch);
+        for key in &sender.keys {
+            result = device.state.decrypt(&bytes, from, key);
+            if !matches!(
+                result,
+                Err(OlmError::IdentityKeyMismatch | OlmError::NoSession)
+            ) {
+                break;
+            }
+        }
+        let verdict = match result {
+            Ok(opened) => {
+                if opened.new_session {
+                    // A one-time key is used up: read the server's count at the end of this run.
+                    device.file.prekeys_checked_at = None;
+                }
+                inbox::judge_opened(m, opened.plaintext, sender, state, now)
+            }
+            Err(OlmError::IdentityKeyMismatch | OlmError::NoSession)
+                if sender.changed_to.is_some() =>
+            {
+                Verdict::Held {
+                    new_fingerprint: sender.changed_to.clone().unwrap_or_default(),
+                }
+            }
+            Err(e) => {
+                device.state.forget_sessions(from);
+                Verdict::Dropped {
+                    reason: format!(
+                        "the version 2 envelope does not open with the key pinned for {} ({e}); \
+                         your next message to that device starts a new session",
+                        sender.name
+                    ),
+                }
+            }
+        };
+        self.save_olm(device)?;
+        Ok(verdict)
     }
 
     /// Confirms delivery, in batches of 500 (`POST /messages/delivered`), or one by one on a
@@ -213,6 +292,9 @@ impl App {
     fn inbox_once(&self, limit: u32, say_empty: bool) -> Result<Value, Error> {
         let _lock = self.profile.lock()?;
         let acct = self.account()?;
+        // Prekeys published (or topped up, at most hourly) before the state is loaded below.
+        self.olm.borrow_mut().take();
+        self.publish_prekeys_or_warn(&acct);
         let now = Utc::now();
         let mut ring = self.keyring()?;
         if ring.prune(now) {
@@ -295,6 +377,11 @@ impl App {
                 break;
             }
         }
+        // A session made from one of our one-time keys: top up now if the stock runs low.
+        let used = self.olm.borrow_mut().take();
+        if used.is_some_and(|d| d.file.prekeys_checked_at.is_none()) {
+            self.publish_prekeys_or_warn(&acct);
+        }
         if say_empty
             && report.shown.is_empty()
             && report.dropped.is_empty()
@@ -338,6 +425,29 @@ impl App {
                     m.recipient_device_id
                 ),
             },
+            Ok(sender) if envelope_version(&m) == Some(crate::olm::FORMAT_VERSION) => {
+                self.judge_v2(&m, sender, state, now)?
+            }
+            // A downgrade: version 1 from a device that speaks version 2 to a device (this one)
+            // whose keys it could have read by then (a sender reads keys it lacks at least every
+            // `send::KEYS_FRESH`).
+            Ok(sender)
+                if envelope_version(&m) == Some(1)
+                    && sender.v2_since.is_some_and(|since| m.timestamp > since)
+                    && self
+                        .profile
+                        .olm()?
+                        .and_then(|o| o.published_at)
+                        .is_some_and(|at| m.timestamp > at + send::KEYS_FRESH) =>
+            {
+                Verdict::Dropped {
+                    reason: format!(
+                        "it is a version 1 message from a device of {} that uses version 2 (a \
+                         downgrade): refused",
+                        sender.name
+                    ),
+                }
+            }
             Ok(sender) => inbox::judge(&m, me, my_keys, sender, state, now),
             Err(reason) => Verdict::Dropped {
                 reason: reason.clone(),
@@ -350,7 +460,16 @@ impl App {
 
         // What is done with the message, on disk before anything about it is shown.
         match (&verdict, held_since) {
-            (Verdict::Shown(pt), _) => inbox::remember(state, m.sender_id, pt, now),
+            (Verdict::Shown(pt), _) => {
+                inbox::remember(state, m.sender_id, pt, now);
+                if envelope_version(&m) == Some(crate::olm::FORMAT_VERSION)
+                    && let Ok(bytes) = base64::engine::general_purpose::STANDARD
+                        .decode(m.encrypted_data.as_bytes())
+                {
+                    let until = state.seen[&InboxState::seen_key(m.sender_id, pt.id)];
+                    state.seen.insert(envelope_seen_key(&bytes), until);
+                }
+            }
             (Verdict::Held { .. }, None) => state.held.push(Held {
                 held_at: now,
                 message: m.clone(),
@@ -458,4 +577,23 @@ impl Report {
         self.dropped
             .push(json!({"id": m.id, "from": from, "from_id": m.sender_id, "reason": reason}));
     }
+}
+
+/// The first byte of a message's envelope, if it has one.
+fn envelope_version(m: &Message) -> Option<u8> {
+    let head: String = m.encrypted_data.chars().take(4).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(head.as_bytes())
+        .ok()?
+        .first()
+        .copied()
+}
+
+/// The replay record's key for a version 2 envelope: SHA-256 of its bytes.
+fn envelope_seen_key(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!(
+        "envelope/{}",
+        crate::keys::hex(&sha2::Sha256::digest(bytes))
+    )
 }

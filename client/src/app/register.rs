@@ -57,6 +57,9 @@ impl App {
             self.out
                 .warn(&format!("registered, but logging in failed: {e}"));
         }
+        if self.profile.token()?.is_some() {
+            self.publish_prekeys_or_warn(&self.account()?);
+        }
         self.out.say(&format!(
             "registered {} (id {}) at {}",
             acct.name,

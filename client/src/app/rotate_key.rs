@@ -40,6 +40,23 @@ impl App {
                 CallError::Client(e) => e,
             });
         }
+        // The Olm account follows the device key: a new identity and signing key, the sessions
+        // kept (the server dropped the old signing key and prekeys with the re-key), published
+        // again below.
+        if let Some(file) = self.profile.olm()? {
+            let old_key = before.current.private_key().map_err(Error::Other)?;
+            if let Ok(old) = crate::olm::OlmState::from_json(&file.state, &old_key.public_key()) {
+                let (rotated, _) = old
+                    .rotate_signing_key(&new, None)
+                    .map_err(|e| olm_device::olm_error("re-keying the Olm account", e))?;
+                self.profile.save_olm(&store::OlmFile {
+                    state: rotated.to_json().to_string(),
+                    published: false,
+                    published_at: None,
+                    prekeys_checked_at: None,
+                })?;
+            }
+        }
         // Our own pin for this device follows (our other devices see the change and accept it).
         let acct = self.account()?;
         let mut contacts = self.profile.contacts()?;
@@ -51,6 +68,7 @@ impl App {
             pins.accept(&new.public_key(), now);
             self.profile.save_contacts(&contacts)?;
         }
+        self.publish_prekeys_or_warn(&acct);
         let fp = new.public_key().fingerprint();
         let old = &ring
             .retired

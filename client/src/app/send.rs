@@ -48,7 +48,7 @@ impl App {
             return Ok(id);
         }
         let dir = self.lookup_name(name, contacts)?;
-        let listed = self.listed_devices(dir.user_id, &dir.name)?;
+        let (listed, signing) = self.listed_keys(dir.user_id, &dir.name)?;
         // The directory's two answers agree on the account's key, or neither is pinned.
         let primary = PublicKey::from_pem(&dir.public_key).ok();
         if listed.iter().find(|(id, _)| *id == 1).map(|(_, k)| *k) != primary {
@@ -59,9 +59,9 @@ impl App {
             )));
         }
         let now = Utc::now();
-        contacts
-            .by_id
-            .insert(dir.user_id, Contact::new(&dir.name, &listed, now));
+        let mut contact = Contact::new(&dir.name, &listed, now);
+        contact.reconcile_signing(&signing, now);
+        contacts.by_id.insert(dir.user_id, contact);
         self.profile.save_contacts(contacts)?;
         self.out.warn(&format!(
             "first contact with {}: pinned {} (compare with {} out of band)",
@@ -147,7 +147,7 @@ impl App {
     }
 
     /// A copy of `pt`, sent to `to`, for each of our other devices. The device list is read
-    /// again when it is older than [`OWN_DEVICES_FRESH`]; a device of ours not accepted yet gets
+    /// again when it is older than [`KEYS_FRESH`]; a device of ours not accepted yet gets
     /// nothing (the copy is skipped, with the reason).
     fn send_copies(
         &self,
@@ -159,10 +159,7 @@ impl App {
     ) -> Result<usize, Error> {
         let me = self.own_contact(acct, contacts)?;
         let now = Utc::now();
-        if me
-            .devices_checked_at
-            .is_none_or(|at| at + OWN_DEVICES_FRESH < now)
-        {
+        if me.devices_checked_at.is_none_or(|at| at + KEYS_FRESH < now) {
             self.refresh_own_devices(acct, contacts)?;
         }
         let mut copy = pt.clone();
@@ -194,6 +191,7 @@ impl App {
         idem: &str,
         contacts: &mut Contacts,
     ) -> Result<Option<(SentToDevices, u32)>, Error> {
+        self.refresh_signing_keys(to, contacts)?;
         for _ in 0..4 {
             let contact = contacts
                 .by_id
@@ -202,19 +200,12 @@ impl App {
             if contact.has_pending() {
                 return Err(Error::KeyChanged(pending_message(contact)));
             }
-            let envelopes: Vec<DeviceEnvelope> = contact
-                .sealing_keys()
+            let targets: Vec<(u32, PublicKey, Option<String>)> = contact
+                .sealing_targets()
                 .into_iter()
-                .filter(|(device, _)| !(to == acct.user_id && *device == acct.device_id))
-                .map(|(device, device_key)| {
-                    let sealed = envelope::seal(pt, acct.user_id, key, to, &device_key);
-                    DeviceEnvelope {
-                        device_id: device,
-                        key_fingerprint: device_key.fingerprint(),
-                        encrypted_data: base64::engine::general_purpose::STANDARD.encode(&sealed),
-                    }
-                })
+                .filter(|(device, _, _)| !(to == acct.user_id && *device == acct.device_id))
                 .collect();
+            let envelopes = self.seal_for(acct, key, to, &contact.name.clone(), pt, &targets)?;
             if envelopes.is_empty() {
                 return Ok(None);
             }
@@ -240,6 +231,118 @@ impl App {
         Err(Error::Unavailable(
             "sending: the recipient's devices kept changing; try again".into(),
         ))
+    }
+
+    /// Reads the directory's keys of `to` again when one of its devices has no signing key pinned
+    /// and the list is older than [`KEYS_FRESH`]: a device that started publishing one
+    /// gets version 2 from the next message on.
+    fn refresh_signing_keys(&self, to: Uuid, contacts: &mut Contacts) -> Result<(), Error> {
+        let Some(contact) = contacts.by_id.get(&to) else {
+            return Ok(());
+        };
+        let now = Utc::now();
+        let stale = contact
+            .devices_checked_at
+            .is_none_or(|at| at + KEYS_FRESH < now);
+        if !stale
+            || contact
+                .sealing_targets()
+                .iter()
+                .all(|(_, _, s)| s.is_some())
+        {
+            return Ok(());
+        }
+        let name = contact.name.clone();
+        let (listed, signing) = self.listed_keys(to, &name)?;
+        let contact = contacts.by_id.get_mut(&to).expect("looked up above");
+        contact.reconcile(&listed, now);
+        contact.reconcile_signing(&signing, now);
+        Ok(self.profile.save_contacts(contacts)?)
+    }
+
+    /// One envelope per target device: version 2 (Olm) to a device whose signing key is pinned,
+    /// starting a session from a prekey claimed now (its signature checked against that key)
+    /// where there is none; version 1 otherwise. The Olm state is saved before anything is sent.
+    fn seal_for(
+        &self,
+        acct: &Account,
+        key: &PrivateKey,
+        to: Uuid,
+        name: &str,
+        pt: &Plaintext,
+        targets: &[(u32, PublicKey, Option<String>)],
+    ) -> Result<Vec<DeviceEnvelope>, Error> {
+        use crate::olm::{DeviceAddress, SigningPublicKey, verify_prekey};
+        let v2: Vec<(u32, PublicKey, SigningPublicKey)> = targets
+            .iter()
+            .filter_map(|(id, k, s)| {
+                let s = SigningPublicKey::from_pem(s.as_deref()?).ok()?;
+                Some((*id, *k, s))
+            })
+            .collect();
+        let mut device = if v2.is_empty() {
+            None
+        } else {
+            Some(self.olm_device(acct)?)
+        };
+        if let Some(device) = device.as_mut() {
+            let without: Vec<u32> = v2
+                .iter()
+                .filter(|(id, k, _)| !device.state.has_session(DeviceAddress::new(to, *id), k))
+                .map(|(id, _, _)| *id)
+                .collect();
+            if !without.is_empty() {
+                let claimed = self.authed(&format!("claiming {name}'s prekeys"), |api, t| {
+                    api.claim_prekeys(t, to, &without)
+                })?;
+                for (id, k, signing) in v2.iter().filter(|(id, _, _)| without.contains(id)) {
+                    let owner = DeviceAddress::new(to, *id);
+                    let prekey = claimed
+                        .devices
+                        .iter()
+                        .find(|d| d.device_id == *id && claimed.user_id == to)
+                        .and_then(|d| d.prekey.as_ref())
+                        .ok_or_else(|| {
+                            Error::KeyChanged(format!(
+                                "{name}'s device {id} has a signing key pinned but the server \
+                                 hands out no prekey for it; nothing was sent (this client does \
+                                 not fall back to version 1 once a device uses version 2)"
+                            ))
+                        })?;
+                    let verified = verify_prekey(prekey, owner, signing).map_err(|e| {
+                        Error::KeyChanged(format!(
+                            "{name}'s device {id}: the claimed prekey is refused ({e}); nothing \
+                             was sent"
+                        ))
+                    })?;
+                    device
+                        .state
+                        .start_session(k, &verified)
+                        .map_err(|e| olm_device::olm_error("starting a session", e))?;
+                }
+            }
+        }
+        let mut envelopes = Vec::with_capacity(targets.len());
+        for (id, device_key, signing) in targets {
+            let sealed = match (signing, device.as_mut()) {
+                (Some(_), Some(device)) => device
+                    .state
+                    .encrypt(DeviceAddress::new(to, *id), device_key, pt)
+                    .map_err(|e| olm_device::olm_error("sealing", e))?,
+                _ => envelope::seal(pt, acct.user_id, key, to, device_key),
+            };
+            envelopes.push(DeviceEnvelope {
+                device_id: *id,
+                key_fingerprint: device_key.fingerprint(),
+                encrypted_data: base64::engine::general_purpose::STANDARD.encode(&sealed),
+            });
+        }
+        // Every ratchet step taken is on disk before the ciphertext leaves: a crash never
+        // seals two messages with one message key.
+        if let Some(device) = device.as_mut() {
+            self.save_olm(device)?;
+        }
+        Ok(envelopes)
     }
 
     /// `POST /messages/devices`, the same body and `Idempotency-Key` on every attempt: a retry
@@ -292,8 +395,9 @@ impl App {
     }
 }
 
-/// How long the list of our own devices is trusted before `send` reads it again.
-const OWN_DEVICES_FRESH: TimeDelta = TimeDelta::minutes(10);
+/// How long a device list is trusted before `send` reads it again (our own, for the copies;
+/// a contact's, while one of its devices has no signing key pinned).
+pub(super) const KEYS_FRESH: TimeDelta = TimeDelta::minutes(10);
 
 /// "device 1 3f2a 91c0 ..., device 2 ..." for a message to a person.
 pub(super) fn describe_devices(devices: &[(u32, PublicKey)]) -> String {
@@ -330,6 +434,21 @@ pub(super) fn pending_message(c: &Contact) -> String {
                 group_fingerprint(&p.fingerprint)
             ),
         });
+    }
+    for (id, d) in &c.devices {
+        if let Some(p) = d
+            .pending_signing
+            .as_ref()
+            .filter(|_| d.removed_at.is_none())
+        {
+            shown.push(match &p.signing_key {
+                Some(_) => format!("device {id}'s signing key changed"),
+                None => format!(
+                    "device {id} no longer shows the signing key pinned for it (version 2 would \
+                     stop)"
+                ),
+            });
+        }
     }
     if let Some(p) = &c.pending_account {
         shown.push(format!(

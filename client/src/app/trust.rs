@@ -47,7 +47,9 @@ impl App {
                 return self.accept_account(&acct, &mut contacts, *old_id, &c.name, p, now);
             }
             let shown = c.devices.values().any(|d| {
-                d.removed_at.is_none() && d.pending.as_ref().is_some_and(|p| wanted(&p.fingerprint))
+                d.removed_at.is_none()
+                    && (d.pending.as_ref().is_some_and(|p| wanted(&p.fingerprint))
+                        || (expected.is_none() && d.pending_signing.is_some()))
             });
             if shown {
                 return self.accept_devices(
@@ -64,7 +66,7 @@ impl App {
             None => {
                 // A first contact: pinned as `send` would, with every device listed.
                 let dir = self.lookup_name(name, &contacts)?;
-                let listed = self.listed_devices(dir.user_id, &dir.name)?;
+                let (listed, signing) = self.listed_keys(dir.user_id, &dir.name)?;
                 if let Some(exp) = &expected
                     && !listed.iter().any(|(_, k)| k.fingerprint() == *exp)
                 {
@@ -75,9 +77,9 @@ impl App {
                         send::describe_devices(&listed)
                     )));
                 }
-                contacts
-                    .by_id
-                    .insert(dir.user_id, Contact::new(&dir.name, &listed, now));
+                let mut contact = Contact::new(&dir.name, &listed, now);
+                contact.reconcile_signing(&signing, now);
+                contacts.by_id.insert(dir.user_id, contact);
                 self.profile.save_contacts(&contacts)?;
                 self.out.say(&format!(
                     "{}: pinned {} (id {})",
@@ -96,8 +98,8 @@ impl App {
             }
             Some((id, c)) => {
                 // Nothing shown waits: read the directory now, and show what changed.
-                let listed = match self.call(|api, t| api.user_devices(t, id)) {
-                    Ok(l) if l.user_id == id => self.listed_from(&c.name, &l.devices)?,
+                let (listed, signing) = match self.call(|api, t| api.device_keys(t, id)) {
+                    Ok(l) if l.user_id == id => self.keys_from(&c.name, id, &l.devices)?,
                     Ok(_) => {
                         return Err(Error::KeyChanged(format!(
                             "the directory answered the device list of {} with another \
@@ -119,7 +121,11 @@ impl App {
                     Err(CallError::Client(e)) => return Err(e),
                 };
                 let mut probe = contacts.by_id[&id].clone();
-                let changes = probe.reconcile(&listed, now);
+                let mut changes = probe.reconcile(&listed, now);
+                if !probe.reconcile_signing(&signing, now).is_empty() {
+                    // A signing key change needs trust like a key change (shown below).
+                    changes.changed.push((0, String::new(), String::new()));
+                }
                 if let Some(exp) = &expected {
                     // Typed: accept the directory's key only when it is the one typed; record
                     // nothing otherwise (what was shown before stays what `trust` accepts).
