@@ -185,23 +185,8 @@ impl App {
                 "--label is 1 to 64 characters, no control characters".into(),
             ));
         }
-        if let Some(a) = self.profile.account()? {
-            return Err(Error::Usage(format!(
-                "profile {:?} already holds the account {} ({}); use --profile NAME for another",
-                self.profile.name, a.name, a.api
-            )));
-        }
         let _lock = self.profile.lock()?;
-        // The key is on disk before the server hears of it, as in `register`.
-        let ring = match self.profile.keyring()? {
-            Some(r) => r,
-            None => {
-                let r = Keyring::new(&PrivateKey::generate());
-                self.profile.save_keyring(&r)?;
-                r
-            }
-        };
-        let key = ring.current.private_key().map_err(Error::Other)?;
+        let key = self.new_device_key()?;
         let password = self.password(
             &escape_controls(&format!("Password for {name} at {}: ", self.api.base())),
             false,

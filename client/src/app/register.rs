@@ -9,24 +9,8 @@ impl App {
                 "{name:?}: a name is 3 to 32 characters of A-Z a-z 0-9 _ . -"
             )));
         }
-        if let Some(a) = self.profile.account()? {
-            return Err(Error::Usage(format!(
-                "profile {:?} already holds the account {} ({}); use --profile NAME for another account",
-                self.profile.name, a.name, a.api
-            )));
-        }
         let _lock = self.profile.lock()?;
-        // The key is on disk before the server hears of it; a leftover from an attempt that
-        // failed is reused.
-        let ring = match self.profile.keyring()? {
-            Some(r) => r,
-            None => {
-                let r = Keyring::new(&PrivateKey::generate());
-                self.profile.save_keyring(&r)?;
-                r
-            }
-        };
-        let key = ring.current.private_key().map_err(Error::Other)?;
+        let key = self.new_device_key()?;
         let password = self.password(&format!("Choose a password for {name}: "), true)?;
         if !(8..=72).contains(&password.len()) {
             return Err(Error::Usage("a password is 8 to 72 bytes".into()));
@@ -90,5 +74,26 @@ impl App {
             human_time(t.expires_at)
         ));
         Ok(json!({"name": acct.name, "expires_at": rfc3339(t.expires_at)}))
+    }
+
+    /// For `register` and `join`: an empty profile (else a usage error naming what it holds),
+    /// and this device's key, on disk before the server hears of it (a leftover from an
+    /// attempt that failed is reused).
+    pub(super) fn new_device_key(&self) -> Result<PrivateKey, Error> {
+        if let Some(a) = self.profile.account()? {
+            return Err(Error::Usage(format!(
+                "profile {:?} already holds the account {} ({}); use --profile NAME for another account",
+                self.profile.name, a.name, a.api
+            )));
+        }
+        let ring = match self.profile.keyring()? {
+            Some(r) => r,
+            None => {
+                let r = Keyring::new(&PrivateKey::generate());
+                self.profile.save_keyring(&r)?;
+                r
+            }
+        };
+        ring.current.private_key().map_err(Error::Other)
     }
 }
