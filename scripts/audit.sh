@@ -35,6 +35,10 @@ else
     echo "audit: advisory check skipped: no RustSec snapshot at $snapshot (licences, bans and sources still checked)"
 fi
 
+# cargo-deny reads every crate of Cargo.lock, for every target (a build fetches only the host's):
+# the sources are fetched first, then everything runs offline.
+cargo fetch --locked --quiet
+
 # Path dependencies have no source for cargo-deny to check: each must be a workspace member or
 # under vendor/ (a patched crate, vendor/README.md).
 metadata="$(cargo metadata --offline --format-version 1)"
