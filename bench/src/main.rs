@@ -19,13 +19,17 @@
 //!    (BENCH_RTT_US, default 1000: 1 ms round trip) and counts round trips and statements; the
 //!    warm p50 against the floor, statements x RTT (latency.rs).
 //!
+//! Phase a: envelope versions 1 and 2 (issue 20): the client's seal and open per message, a v2
+//! session's set-up, the Olm state's JSON, POST /keys/claim against a send, and the requests per
+//! message counted from the client's code (envelopes.rs).
+//!
 //! `bench soak` (make soak) is the soak run instead: see soak.rs.
 //!
 //! Environment: DATABASE_URL (else `scripts/database-url.sh messenger_bench`; the database's
 //! name must contain "bench", since the bench empties its tables), BCRYPT_COST (default 12),
 //! BENCH_ITERATIONS (2000), BENCH_COLD_RUNS (20), BENCH_WARM_INVOCATIONS (1000),
-//! BENCH_BCRYPT_RUNS (10). For experiments: BENCH_PHASES (default "123456789"), BENCH_FUNCTIONS (e.g.
-//! "me,health"), BENCH_BIN_DIR (another build's binaries), BENCH_FUNCTION_ENV ("K=V,K=V" added
+//! BENCH_BCRYPT_RUNS (10). For experiments: BENCH_PHASES (default "123456789a"), BENCH_FUNCTIONS
+//! (e.g. "me,health"), BENCH_BIN_DIR (another build's binaries), BENCH_FUNCTION_ENV ("K=V,K=V" added
 //! to the functions' environment). The binaries are read from the directory of this executable
 //! (target/release after `cargo build --release --bins`).
 
@@ -36,6 +40,7 @@ mod bcrypt;
 mod binaries;
 mod cold_start;
 mod delivery;
+mod envelopes;
 mod fixture;
 mod footprint;
 mod handler_cost;
@@ -78,7 +83,7 @@ pub(crate) struct Settings {
     pub(crate) warm_invocations: usize,
     pub(crate) bcrypt_runs: usize,
     pub(crate) bin_dir: PathBuf,
-    /// Which parts to run ("123456789" by default) and, for 2 and 3, which functions.
+    /// Which parts to run ("123456789a" by default) and, for 2 and 3, which functions.
     pub(crate) phases: String,
     pub(crate) only: Option<Vec<String>>,
 }
@@ -128,7 +133,7 @@ impl Settings {
             warm_invocations: env_number("BENCH_WARM_INVOCATIONS", 1000).max(2),
             bcrypt_runs: env_number("BENCH_BCRYPT_RUNS", 10).max(1),
             bin_dir,
-            phases: std::env::var("BENCH_PHASES").unwrap_or_else(|_| "123456789".into()),
+            phases: std::env::var("BENCH_PHASES").unwrap_or_else(|_| "123456789a".into()),
             only: std::env::var("BENCH_FUNCTIONS")
                 .ok()
                 .filter(|v| !v.trim().is_empty())
@@ -222,6 +227,9 @@ async fn main() {
     }
     if settings.phase('7') {
         delivery::phase7(&settings, state, state4, &fx).await;
+    }
+    if settings.phase('a') {
+        envelopes::phase_a(&settings, &fx).await;
     }
     // Before 8, which empties `messages` (the confirm case needs its message).
     if settings.phase('9') {

@@ -1,59 +1,78 @@
-//! A password check that counts as a login attempt, for `POST /login` and `DELETE /me`.
+//! A password check that counts as a login attempt, for `POST /login`, `POST /devices`,
+//! `DELETE /me` and the other requests a password authorises.
 //!
 //! The attempt is counted in its three buckets before bcrypt runs, in the same statement that
 //! finds the user: however many attempts arrive at once, on however many instances, no more than
 //! each limit are ever checked against the password. An attempt refused by one limit gives its
-//! count back to the others (it guessed nothing), so one address locked out after
-//! `LOGIN_MAX_FAILURES` cannot go on filling the name's counter for every address. A success
-//! gives its provisional count back too, and clears the name-and-address counter, its own.
+//! count back to the others (it guessed nothing), in that same statement, so one address locked
+//! out after `LOGIN_MAX_FAILURES` cannot go on filling the name's counter for every address. A
+//! success gives its provisional count back too, and clears the name-and-address counter, its
+//! own: that is the one statement after bcrypt, where the request writes its own outcome too
+//! (`DELETE /me` its delete). So a refusal or a wrong password costs one round trip and a
+//! success two, the least a check with bcrypt between two statements can take.
 
 use common::domain::Password;
 use common::http::{Caller, client_address};
 use common::{ApiError, AppState, password};
 use lambda_http::Request;
+use sqlx::Postgres;
+use sqlx::postgres::PgArguments;
+use sqlx::query::Query;
 use uuid::Uuid;
 
-use crate::rate_limit::{Bucket, name_address_key};
+use crate::rate_limit::Bucket;
 
-/// Counts the attempt (`$1` buckets, `$2` keys, `$3` window, `$4` limits) and finds the user by
-/// its name key (`$5`, on `users_name_key`) with its device `$6`: `id` is NULL when either is
-/// missing, while the hash is still the user's, so an unknown device costs the same bcrypt time
-/// as a wrong password. `over` lists the buckets past their limit, and
-/// `retry_after` is the longest wait among them.
-pub const ATTEMPT_SQL: &str = concat!(
-    "WITH attempt_keys AS (SELECT * FROM unnest($1::text[], $2::text[]) AS k(bucket, key)), ",
-    "limits AS (SELECT * FROM unnest($1::text[], $4::int[]) AS l(bucket, max_attempts)), ",
-    "attempt AS (\n",
-    include_str!("sql/record_attempt.sql"),
-    ")\n",
-    "SELECT CASE WHEN d.device_id IS NOT NULL THEN u.id END AS id, u.hashed_password, ",
-    "ARRAY (SELECT a.bucket FROM attempt a JOIN limits l USING (bucket) ",
-    "WHERE a.attempts > l.max_attempts) AS over, ",
-    "(SELECT max(a.retry_after) FROM attempt a JOIN limits l USING (bucket) ",
-    "WHERE a.attempts > l.max_attempts) AS retry_after ",
-    "FROM (SELECT 1) AS one LEFT JOIN users u ON lower(u.name COLLATE \"C\") = $5 ",
-    "LEFT JOIN devices d ON d.user_id = u.id AND d.device_id = $6"
-);
+/// Counts the attempt against the name key `$1` from the address `$2` (`count_login_attempt()`,
+/// migrations/20261204000009: `$3` the limits of name and address, name, and address, `$4` the
+/// window), refusing it there when a limit is passed, and finds the user by its name key (on
+/// `users_name_key`) with its device `$5`: `id` is NULL when either is missing, while the hash is
+/// still the user's, so an unknown device costs the same bcrypt time as a wrong password.
+pub const ATTEMPT_SQL: &str = r#"
+SELECT CASE WHEN d.device_id IS NOT NULL THEN u.id END AS id, u.hashed_password,
+       a.buckets, a.keys, a.retry_after
+FROM count_login_attempt($1, $2, $3, $4) AS a
+LEFT JOIN users u ON lower(u.name COLLATE "C") = $1
+LEFT JOIN devices d ON d.user_id = u.id AND d.device_id = $5
+"#;
 
-/// After a success: the name-and-address counter (`$3`) back to zero, the others one less; and
-/// the hash replaced when it was made at another cost (`$5`, or NULL).
-pub const FORGIVE_SQL: &str = r#"
+/// The same for a caller who gives its password again: the user `$1` whose device `$2` exists,
+/// counted under its name key from the address `$3` (`$4` limits, `$5` window). No row, and
+/// nothing counted, when the device or the account is gone: the contract's 401 `unauthorized`
+/// for such a token, before anything is counted. (`MATERIALIZED`: the caller is found before
+/// the count, whatever join order the planner would otherwise pick.)
+pub const CALLER_ATTEMPT_SQL: &str = r#"
+WITH caller AS MATERIALIZED (
+    SELECT u.id, u.hashed_password, lower(u.name COLLATE "C") AS name_key
+    FROM users u JOIN devices d ON d.user_id = u.id AND d.device_id = $2
+    WHERE u.id = $1
+)
+SELECT c.id, c.hashed_password, a.buckets, a.keys, a.retry_after
+FROM caller c CROSS JOIN LATERAL count_login_attempt(c.name_key, $3, $4, $5) AS a
+"#;
+
+/// The success's give-back as a CTE named `forgiven`, for the statement after bcrypt: the
+/// name-and-address counter (`$3`) back to zero, the others one less, among the (`$1` bucket,
+/// `$2` key) pairs the attempt counted. `Verified::bind_forgiven` binds the three.
+macro_rules! forgiven_cte {
+    () => {
+        r#"
 WITH forgiven AS (
     UPDATE rate_limits AS r
     SET attempts = CASE WHEN r.bucket = $3 THEN 0 ELSE greatest(r.attempts - 1, 0) END
     FROM unnest($1::text[], $2::text[]) AS k(bucket, key)
     WHERE r.bucket = k.bucket AND r.key = k.key
 )
-UPDATE users SET hashed_password = $5 WHERE id = $4 AND $5::text IS NOT NULL
-"#;
+"#
+    };
+}
+pub(crate) use forgiven_cte;
 
-/// After a refusal: one less in each (`$1` bucket, `$2` key) given, the counters that were not
-/// past their limit.
-pub const GIVE_BACK_SQL: &str = r#"
-UPDATE rate_limits AS r SET attempts = greatest(r.attempts - 1, 0)
-FROM unnest($1::text[], $2::text[]) AS k(bucket, key)
-WHERE r.bucket = k.bucket AND r.key = k.key
-"#;
+/// After a success: the counters given back (`forgiven_cte!`), and the hash replaced when it was
+/// made at another cost (`$5`, or NULL).
+pub const FORGIVE_SQL: &str = concat!(
+    forgiven_cte!(),
+    "UPDATE users SET hashed_password = $5 WHERE id = $4 AND $5::text IS NOT NULL"
+);
 
 /// The caller's name key, which the login limits count by, while the token's device exists.
 pub const CALLER_SQL: &str = r#"
@@ -74,9 +93,10 @@ pub async fn caller_name_key(state: &AppState, caller: Caller) -> Result<String,
     name_key.ok_or(ApiError::Unauthorized)
 }
 
-/// The caller's own password, for an authenticated request that needs it too (`DELETE /me`,
-/// `DELETE /devices/{id}`, a signing-key reset): checked as a login attempt from the request's
-/// address, so a wrong one counts against the same limits.
+/// The caller's own password, for an authenticated request that needs it too and has found its
+/// name key already (`DELETE /devices/{id}`, a signing-key reset): checked as a login attempt
+/// from the request's address, so a wrong one counts against the same limits, and its success
+/// written in a statement of its own. (`verify_caller` needs neither: `DELETE /me` uses it.)
 pub async fn check_caller(
     state: &AppState,
     request: &Request,
@@ -93,12 +113,94 @@ pub async fn check_caller(
     Ok(())
 }
 
+/// What the statement before bcrypt counted and found.
 #[derive(sqlx::FromRow)]
 struct Attempt {
     id: Option<Uuid>,
     hashed_password: Option<String>,
-    over: Vec<String>,
+    buckets: Vec<String>,
+    keys: Vec<String>,
     retry_after: Option<i64>,
+}
+
+/// A password found right, whose success is still to be written by the request's next
+/// statement: the counters the attempt raised, given back there (`forgiven_cte!`, bound by
+/// `bind_forgiven`), so that the bookkeeping costs no round trip of its own.
+pub struct Verified {
+    pub user_id: Uuid,
+    buckets: Vec<String>,
+    keys: Vec<String>,
+    stored_hash: String,
+}
+
+impl Verified {
+    /// Binds `forgiven_cte!`'s `$1` to `$3`; the statement's own parameters follow from `$4`.
+    pub fn bind_forgiven<'q>(
+        &'q self,
+        query: Query<'q, Postgres, PgArguments>,
+    ) -> Query<'q, Postgres, PgArguments> {
+        query
+            .bind(&self.buckets)
+            .bind(&self.keys)
+            .bind(Bucket::LoginNameAddress.as_str())
+    }
+
+    /// The success written on its own (`FORGIVE_SQL`), with the hash replaced when it was made
+    /// at another cost than the configured one.
+    async fn forgive(self, state: &AppState, password: &Password) -> Result<Uuid, ApiError> {
+        let cost = state.config.bcrypt_cost;
+        let rehashed = if password::needs_rehash(&self.stored_hash, cost) {
+            Some(password::hash(password, cost).await?)
+        } else {
+            None
+        };
+        self.bind_forgiven(state.db.query(FORGIVE_SQL))
+            .bind(self.user_id)
+            .bind(rehashed)
+            .execute(state.pool())
+            .await?;
+        Ok(self.user_id)
+    }
+}
+
+/// The login limits in `count_login_attempt()`'s order: name and address, name, address.
+fn login_limits(state: &AppState) -> Vec<i32> {
+    let config = &state.config;
+    [
+        config.login_max_failures,
+        config.login_max_failures_per_name,
+        config.login_max_failures_per_address,
+    ]
+    .iter()
+    .map(|max| i32::try_from(*max).unwrap_or(i32::MAX))
+    .collect()
+}
+
+/// The attempt's outcome once counted: 429 when a limit refused it (the password not looked
+/// at); else the password checked against the hash, 401 `invalid_credentials` when it is wrong
+/// or the user or device unknown (an unknown name is checked against a dummy hash, in the same
+/// time).
+async fn verify(
+    state: &AppState,
+    attempt: Attempt,
+    password: &Password,
+) -> Result<Verified, ApiError> {
+    if let Some(retry_after) = attempt.retry_after {
+        return Err(ApiError::RateLimited {
+            retry_after_seconds: retry_after.max(1) as u64,
+        });
+    }
+    let stored = attempt.hashed_password;
+    let verified = password::verify(password, stored.clone(), state.config.bcrypt_cost).await?;
+    let (true, Some(user_id), Some(stored_hash)) = (verified, attempt.id, stored) else {
+        return Err(ApiError::InvalidCredentials);
+    };
+    Ok(Verified {
+        user_id,
+        buckets: attempt.buckets,
+        keys: attempt.keys,
+        stored_hash,
+    })
 }
 
 /// The id of the user named `name_key` when `password` is theirs and `device_id` is one of its
@@ -111,82 +213,41 @@ pub async fn check(
     address: &str,
     device_id: i32,
 ) -> Result<Uuid, ApiError> {
-    let config = &state.config;
-    let counters = [
-        (
-            Bucket::LoginNameAddress,
-            name_address_key(name_key, address),
-            config.login_max_failures,
-        ),
-        (
-            Bucket::LoginName,
-            name_key.to_string(),
-            config.login_max_failures_per_name,
-        ),
-        (
-            Bucket::LoginAddress,
-            address.to_string(),
-            config.login_max_failures_per_address,
-        ),
-    ];
-    let buckets: Vec<&str> = counters.iter().map(|(b, _, _)| b.as_str()).collect();
-    let keys: Vec<&str> = counters.iter().map(|(_, k, _)| k.as_str()).collect();
-    let limits: Vec<i32> = counters
-        .iter()
-        .map(|(_, _, max)| i32::try_from(*max).unwrap_or(i32::MAX))
-        .collect();
-
     let attempt: Attempt = state
         .db
         .query_as(ATTEMPT_SQL)
-        .bind(&buckets)
-        .bind(&keys)
-        .bind(config.login_window_seconds as f64)
-        .bind(&limits)
         .bind(name_key)
+        .bind(address)
+        .bind(login_limits(state))
+        .bind(state.config.login_window_seconds as f64)
         .bind(device_id)
         .fetch_one(state.pool())
         .await?;
-    if let Some(retry_after) = attempt.retry_after {
-        let (under_buckets, under_keys): (Vec<&str>, Vec<&str>) = buckets
-            .iter()
-            .zip(&keys)
-            .filter(|(bucket, _)| !attempt.over.iter().any(|over| over == *bucket))
-            .map(|(bucket, key)| (*bucket, *key))
-            .unzip();
-        state
-            .db
-            .query(GIVE_BACK_SQL)
-            .bind(&under_buckets)
-            .bind(&under_keys)
-            .execute(state.pool())
-            .await?;
-        return Err(ApiError::RateLimited {
-            retry_after_seconds: retry_after.max(1) as u64,
-        });
-    }
+    verify(state, attempt, password)
+        .await?
+        .forgive(state, password)
+        .await
+}
 
-    let cost = config.bcrypt_cost;
-    let stored = attempt.hashed_password;
-    let verified = password::verify(password, stored.clone(), cost).await?;
-    let (true, Some(user_id)) = (verified, attempt.id) else {
-        return Err(ApiError::InvalidCredentials);
-    };
-    let rehashed = match stored {
-        Some(hash) if password::needs_rehash(&hash, cost) => {
-            Some(password::hash(password, cost).await?)
-        }
-        _ => None,
-    };
-    state
+/// The caller's own password, checked as a login attempt from the request's address and
+/// counted under the account's name, for a request that then writes its success itself
+/// (`DELETE /me`). 401 `unauthorized`, nothing counted, when the token's device or account is
+/// gone.
+pub async fn verify_caller(
+    state: &AppState,
+    request: &Request,
+    caller: Caller,
+    password: &Password,
+) -> Result<Verified, ApiError> {
+    let attempt: Option<Attempt> = state
         .db
-        .query(FORGIVE_SQL)
-        .bind(&buckets)
-        .bind(&keys)
-        .bind(Bucket::LoginNameAddress.as_str())
-        .bind(user_id)
-        .bind(rehashed)
-        .execute(state.pool())
+        .query_as(CALLER_ATTEMPT_SQL)
+        .bind(caller.user_id)
+        .bind(caller.device_id)
+        .bind(client_address(request))
+        .bind(login_limits(state))
+        .bind(state.config.login_window_seconds as f64)
+        .fetch_optional(state.pool())
         .await?;
-    Ok(user_id)
+    verify(state, attempt.ok_or(ApiError::Unauthorized)?, password).await
 }

@@ -58,11 +58,7 @@ impl Bucket {
 }
 
 // sql/record_attempt.sql is the upsert that counts one attempt per row of a CTE named
-// `attempt_keys(bucket, key)`, with the window in `$3`. register.rs and credentials.rs compose it
-// as `attempt AS (...)` with `concat!(..., include_str!(...), ...)`, which takes literals only,
-// so there is no constant of it here.
-
-/// The key of the name-and-address counter. Names never contain `@`.
-pub fn name_address_key(name_key: &str, address: &str) -> String {
-    format!("{name_key}@{address}")
-}
+// `attempt_keys(bucket, key)`, with the window in `$3`. register.rs and create_link_code.rs
+// compose it as `attempt AS (...)` with `concat!(..., include_str!(...), ...)`, which takes
+// literals only, so there is no constant of it here. The three login counters are counted, and
+// their keys made, by `count_login_attempt()` (migrations/20261204000009).

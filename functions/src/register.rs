@@ -23,6 +23,10 @@ pub struct Registered {
 
 /// Counts this attempt against the client address and checks the name, in one round trip and
 /// before bcrypt spends a quarter second: floods and taken names cost the server almost nothing.
+/// So a registration takes two round trips, this and the insert after bcrypt, and a refused one
+/// takes one. Hashing first would fold the two into one statement, saving one round trip (about
+/// 1 ms behind RDS Proxy) on a request that spends some 220 ms in bcrypt at cost 12, and would
+/// make every request past the limit or for a taken name spend that bcrypt time too.
 pub const PRECHECK_SQL: &str = concat!(
     "WITH attempt_keys AS (SELECT $1::text AS bucket, $2::text AS key), ",
     "attempt AS (\n",

@@ -117,6 +117,93 @@ async fn concurrent_failures_are_all_counted(pool: PgPool) {
     assert_eq!(counted, 20, "the atomic upsert loses no attempt");
 }
 
+/// `DELETE /me` checks the password as a login attempt, counted and refused in the one
+/// statement before bcrypt: 40 wrong passwords at once on 10 instances are at most
+/// `LOGIN_MAX_FAILURES` checked, the refused ones give their count back to the name and the
+/// address in that same statement (only the name-and-address counter keeps them), and a token
+/// whose account is gone is 401 `unauthorized` with nothing counted.
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn password_checks_of_a_caller_hold_the_limit_under_concurrency(pool: PgPool) {
+    let vars = [("LOGIN_MAX_FAILURES", "5")];
+    let setup = TestApp::with_env(pool.clone(), &vars);
+    let (_, token) = setup.user("holder").await;
+    let mut apps = Vec::new();
+    for _ in 0..10 {
+        apps.push(second_instance(&pool, &vars).await);
+    }
+    let attempts = (0..40).map(|i| {
+        apps[i % apps.len()]
+            .request("DELETE", "/me")
+            .bearer(&token)
+            .with_source_ip("198.51.100.9")
+            .json(json!({"password": "wrong-password"}))
+            .send()
+    });
+    let (mut checked, mut limited) = (0, 0);
+    for r in futures::future::join_all(attempts).await {
+        match r.status {
+            401 => {
+                r.assert_error(401, "invalid_credentials");
+                checked += 1;
+            }
+            429 => limited += 1,
+            other => panic!("unexpected {other}: {}", r.text),
+        }
+    }
+    assert!(
+        checked <= 5,
+        "{checked} of 40 were checked against the password"
+    );
+    assert_eq!(checked + limited, 40);
+    let counters = || async {
+        let rows: Vec<(String, String, i32)> = sqlx::query_as(
+            "SELECT bucket, key, attempts FROM rate_limits \
+             WHERE attempts > 0 AND bucket LIKE 'login%' ORDER BY bucket, key",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        rows
+    };
+    assert_eq!(
+        counters().await,
+        [
+            (
+                "login_address".to_string(),
+                "198.51.100.9".to_string(),
+                checked
+            ),
+            ("login_name".to_string(), "holder".to_string(), checked),
+            (
+                "login_name_address".to_string(),
+                "holder@198.51.100.9".to_string(),
+                40
+            ),
+        ]
+    );
+
+    // The account deleted from another address; its token then counts nothing.
+    let r = setup
+        .request("DELETE", "/me")
+        .bearer(&token)
+        .with_source_ip("192.0.2.80")
+        .json(json!({"password": PASSWORD}))
+        .send()
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text);
+    let after_delete = counters().await;
+    for app in &apps[..3] {
+        app.request("DELETE", "/me")
+            .bearer(&token)
+            .with_source_ip("192.0.2.80")
+            .json(json!({"password": "wrong-password"}))
+            .send()
+            .await
+            .assert_error(401, "unauthorized");
+    }
+    assert_eq!(counters().await, after_delete);
+}
+
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
 

@@ -17,7 +17,7 @@ use serde_json::json;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{Column, Connection, PgConnection, PgPool, Row, TypeInfo};
 
-use crate::support::{TestApp, key};
+use crate::support::{PASSWORD, RequestBuilder, TestApp, TestResponse, key};
 
 #[derive(Default)]
 struct Counters {
@@ -284,6 +284,154 @@ async fn one_round_trip_per_statement_through_the_handlers(pool: PgPool) {
         (d.statements, d.statements),
         "{d:?}"
     );
+    app.state.pool().close().await;
+}
+
+/// One request through an app whose one connection goes through `proxy`: its answer and what
+/// it cost on the wire, counted once the connection is back in the pool.
+async fn counted(
+    app: &TestApp,
+    proxy: &Proxy,
+    request: RequestBuilder<'_>,
+) -> (TestResponse, Counts) {
+    wait_idle(app.state.pool()).await;
+    let before = proxy.counts();
+    let response = request.send().await;
+    wait_idle(app.state.pool()).await;
+    (response, proxy.counts() - before)
+}
+
+/// The account endpoints at their floor: a request takes one round trip per statement, and
+/// only the statements it needs. bcrypt runs between the statement that counts the attempt
+/// (and finds the hash) and the one that writes the outcome, so a success takes two; every
+/// refusal is decided by the first and takes one. Registration checks its limit and the name
+/// before bcrypt too (a refused one costs no hashing), then inserts: two on success.
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn account_endpoints_take_the_round_trips_they_need(pool: PgPool) {
+    let proxy = Proxy::for_pool(&pool);
+    let through = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy_with(proxy.options(&pool));
+    let app = TestApp::with_env(
+        through,
+        &[
+            ("LOGIN_MAX_FAILURES", "2"),
+            ("REGISTER_MAX_PER_ADDRESS", "2"),
+        ],
+    );
+    let register = |name: &str, ip: &str| {
+        app.request("POST", "/register")
+            .with_source_ip(ip)
+            .json(json!({"name": name, "password": PASSWORD, "public_key": key("ed25519.pem")}))
+    };
+    let login = |name: &str, password: &str, ip: &str| {
+        app.request("POST", "/login")
+            .with_source_ip(ip)
+            .json(json!({"name": name, "password": password}))
+    };
+    let delete = |token: &str, password: &str, ip: &str| {
+        app.request("DELETE", "/me")
+            .bearer(token)
+            .with_source_ip(ip)
+            .json(json!({"password": password}))
+    };
+    // The connection opened first, so its startup is not counted against a request.
+    let ready = app.request("GET", "/health/ready").send().await;
+    assert_eq!(ready.status, 200, "{}", ready.text);
+    let mut seen = Vec::new();
+    let mut expect =
+        |what: &'static str, (r, d): (TestResponse, Counts), status: u16, trips: u64| {
+            assert_eq!(r.status, status, "{what}: {}", r.text);
+            seen.push((what, d.round_trips, d.statements, d.syncs, trips));
+        };
+
+    expect(
+        "register",
+        counted(&app, &proxy, register("alice", "192.0.2.1")).await,
+        201,
+        2,
+    );
+    expect(
+        "register, name taken",
+        counted(&app, &proxy, register("ALICE", "192.0.2.2")).await,
+        409,
+        1,
+    );
+    for name in ["filler1", "filler2"] {
+        assert_eq!(register(name, "192.0.2.3").send().await.status, 201);
+    }
+    expect(
+        "register, over the limit",
+        counted(&app, &proxy, register("filler3", "192.0.2.3")).await,
+        429,
+        1,
+    );
+
+    expect(
+        "login",
+        counted(&app, &proxy, login("alice", PASSWORD, "192.0.2.4")).await,
+        200,
+        2,
+    );
+    expect(
+        "login, wrong password",
+        counted(&app, &proxy, login("alice", "wrong-password", "192.0.2.5")).await,
+        401,
+        1,
+    );
+    expect(
+        "login, unknown name",
+        counted(&app, &proxy, login("nobody", PASSWORD, "192.0.2.5")).await,
+        401,
+        1,
+    );
+    assert_eq!(
+        login("alice", "wrong-password", "192.0.2.5")
+            .send()
+            .await
+            .status,
+        401
+    );
+    expect(
+        "login, over the limit",
+        counted(&app, &proxy, login("alice", PASSWORD, "192.0.2.5")).await,
+        429,
+        1,
+    );
+
+    let token = app.login("alice").await;
+    expect(
+        "delete, wrong password",
+        counted(&app, &proxy, delete(&token, "wrong-password", "192.0.2.6")).await,
+        401,
+        1,
+    );
+    // A refusal other than 401 also pays the runtime's check of the token's device (common::runtime).
+    expect(
+        "delete, over the limit",
+        counted(&app, &proxy, delete(&token, PASSWORD, "192.0.2.5")).await,
+        429,
+        2,
+    );
+    expect(
+        "delete",
+        counted(&app, &proxy, delete(&token, PASSWORD, "192.0.2.6")).await,
+        204,
+        2,
+    );
+    expect(
+        "delete, account gone",
+        counted(&app, &proxy, delete(&token, PASSWORD, "192.0.2.6")).await,
+        401,
+        1,
+    );
+
+    for (what, trips, statements, syncs, _) in &seen {
+        println!("{what:28} {trips} round trips, {statements} statements, {syncs} syncs");
+    }
+    for (what, trips, statements, syncs, floor) in seen {
+        assert_eq!((trips, statements, syncs), (floor, floor, floor), "{what}");
+    }
     app.state.pool().close().await;
 }
 

@@ -53,8 +53,8 @@ async fn every_statement_prepares_against_the_schema(pool: PgPool) {
         functions::register::PRECHECK_SQL,
         functions::register::INSERT_SQL,
         functions::credentials::ATTEMPT_SQL,
+        functions::credentials::CALLER_ATTEMPT_SQL,
         functions::credentials::FORGIVE_SQL,
-        functions::credentials::GIVE_BACK_SQL,
         functions::me::SQL,
         common::runtime::DEVICE_EXISTS_SQL,
         functions::credentials::CALLER_SQL,
@@ -192,11 +192,10 @@ async fn each_query_uses_its_index_on_a_million_messages(pool: PgPool) {
     .await;
     assert!(lookup.contains("users_name_key"), "lookup plan:\n{lookup}");
     let login = plan_with(&pool, functions::credentials::ATTEMPT_SQL, true, |q| {
-        q.bind(vec!["login_name"])
-            .bind(vec!["user7"])
+        q.bind("user7")
+            .bind("192.0.2.1")
+            .bind(vec![5i32, 100, 100])
             .bind(900f64)
-            .bind(vec![5i32])
-            .bind("user7")
             .bind(1i32)
     })
     .await;
