@@ -92,18 +92,6 @@ pub struct Directory {
     pub key_updated_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct Sent {
-    pub id: Uuid,
-    pub sender_id: Uuid,
-    pub recipient_id: Uuid,
-    pub timestamp: DateTime<Utc>,
-    pub expires_at: DateTime<Utc>,
-    /// `Idempotent-Replayed: true`: a retry found the first send stored.
-    #[serde(skip)]
-    pub replayed: bool,
-}
-
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 pub struct Message {
     pub id: Uuid,
@@ -392,36 +380,6 @@ impl Api {
             .header("Content-Type", "application/json")
             .send(body.to_string());
         expect(resp, 200)
-    }
-
-    /// `POST /messages` with `Idempotency-Key`; one attempt.
-    pub fn send_message(
-        &self,
-        token: &str,
-        recipient_id: Uuid,
-        encrypted_data_b64: &str,
-        idempotency_key: &str,
-    ) -> Result<Sent, ApiError> {
-        let body =
-            serde_json::json!({"recipient_id": recipient_id, "encrypted_data": encrypted_data_b64});
-        let resp = self
-            .agent
-            .post(self.url("/messages"))
-            .header("Authorization", bearer(token))
-            .header("Content-Type", "application/json")
-            .header("Idempotency-Key", idempotency_key)
-            .send(body.to_string());
-        let mut replayed = false;
-        let resp = resp.inspect(|r| {
-            replayed = r
-                .headers()
-                .get("idempotent-replayed")
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-        });
-        let mut sent: Sent = expect(resp, 201)?;
-        sent.replayed = replayed;
-        Ok(sent)
     }
 
     /// `POST /messages/devices` with `Idempotency-Key`; one attempt. A 409 `devices_changed` is

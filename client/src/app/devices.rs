@@ -135,10 +135,7 @@ impl App {
             self.out.warn(&format!(
                 "{}. If you linked it, compare with `messenger whoami` on it, then run \
                  `messenger trust {}`",
-                send::pending_message(&contacts.by_id[&acct.user_id])
-                    .split(". Nothing was sent.")
-                    .next()
-                    .unwrap_or_default(),
+                send::pending_summary(&contacts.by_id[&acct.user_id]),
                 acct.name
             ));
         }

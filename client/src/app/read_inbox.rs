@@ -33,8 +33,11 @@ impl App {
                 let signing_changed = c.reconcile_signing(&signing, now);
                 if changes.needs_trust() || !signing_changed.is_empty() {
                     note = Some(format!(
-                        "{}; messages sealed with keys not accepted are held until then",
-                        send::pending_message(c).replace(" Nothing was sent.", "")
+                        "{}. Compare with {} out of band, then run `messenger trust {}`; \
+                         messages sealed with keys not accepted are held until then",
+                        send::pending_summary(c),
+                        c.name,
+                        c.name
                     ));
                 } else {
                     note = Some(String::new()); // recorded, nothing to say

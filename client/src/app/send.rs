@@ -415,9 +415,19 @@ pub(super) fn join_ids(ids: &[u32]) -> String {
         .join(", ")
 }
 
-/// What waits for `trust NAME`, as one message: each new device and changed key with its
-/// fingerprint.
+/// A refused send: what waits for `trust NAME` ([`pending_summary`]), and what to do.
 pub(super) fn pending_message(c: &Contact) -> String {
+    format!(
+        "{}. Nothing was sent. Compare with {} out of band, then run `messenger trust {}`",
+        pending_summary(c),
+        c.name,
+        c.name
+    )
+}
+
+/// What waits for `trust NAME`, as one line: "NAME: " and each new device, changed key (with
+/// its fingerprint) or changed signing key.
+pub(super) fn pending_summary(c: &Contact) -> String {
     let mut shown = Vec::new();
     for (id, d) in &c.devices {
         let Some(p) = d.pending.as_ref().filter(|_| d.removed_at.is_none()) else {
@@ -457,11 +467,5 @@ pub(super) fn pending_message(c: &Contact) -> String {
             group_fingerprint(&p.fingerprint)
         ));
     }
-    format!(
-        "{}: {}. Nothing was sent. Compare with {} out of band, then run `messenger trust {}`",
-        c.name,
-        shown.join("; "),
-        c.name,
-        c.name
-    )
+    format!("{}: {}", c.name, shown.join("; "))
 }

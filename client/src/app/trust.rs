@@ -156,10 +156,7 @@ impl App {
                         return Err(Error::KeyChanged(format!(
                             "{}; nothing changed. Compare with {} out of band, then run \
                              `messenger trust {}` again to accept (or pass --fingerprint)",
-                            send::pending_message(&contacts.by_id[&id])
-                                .split(". Nothing was sent.")
-                                .next()
-                                .unwrap_or_default(),
+                            send::pending_summary(&contacts.by_id[&id]),
                             c.name,
                             c.name
                         )));
