@@ -276,8 +276,18 @@ wait "${senders[@]}"
 expect "all 200 messages through the cursor (got $(wc -l < "$work/received"))" [ "$(wc -l < "$work/received")" = 200 ]
 expect "none twice" [ "$(sort "$work/received" | uniq | wc -l)" = 200 ]
 
-# The messenger client's own end-to-end run, on this API and database, with this log.
 cargo build -p client --quiet
+# The README's walk and its client section, as written.
+if MESSENGER="$PWD/target/debug/messenger" bash scripts/readme-run.sh "$base" > "$work/readme-run.log" 2>&1; then
+    passed=$((passed + 1))
+    tail -n 1 "$work/readme-run.log"
+else
+    failed=$((failed + 1))
+    echo "FAIL: scripts/readme-run.sh"
+    tail -30 "$work/readme-run.log"
+fi
+
+# The messenger client's own end-to-end run, on this API and database, with this log.
 if MESSENGER="$PWD/target/debug/messenger" LOG_FILE="$log" bash scripts/client-e2e.sh "$base" > "$work/client-e2e.log" 2>&1; then
     passed=$((passed + 1))
 else
@@ -303,12 +313,16 @@ purge=$(.venv/bin/cargo-lambda lambda invoke --invoke-address 127.0.0.1 --invoke
 expect "purge runs to completion: $purge" [ "$(jq -r .complete <<<"$purge")" = true ]
 
 # The logs of the whole exchange hold no password, token or ciphertext.
-for secret in alice-password bob-password carol-password racer-password wrong-password \
+for secret in alice-password bob-password carol-password racer-password wrong-password readme-walk-password \
     dave-password "$code" "$dave_token" "$laptop_token" \
     "$alice_token" "$bob_token" "$carol_token" "$ciphertext" "$second" e2e-metrics-token; do
     expect "logs do not contain a secret" bash -c '! grep -qF -- "$1" "$2"' _ "$secret" "$log"
 done
 expect "the log is verbose (RUST_LOG=trace reached the functions)" grep -q '"level":"DEBUG"' "$log"
+# `cargo run --bin NAME`, which starts each function, found the build above up to date (the
+# workspace's default-members): a rebuild there made a newcomer's first request wait a minute.
+expect "cargo lambda watch started every function without building: $(grep -m1 -E '^ *Compiling ' "$log" || true)" \
+    bash -c '! grep -qE "^ *Compiling " "$1"' _ "$log"
 expect "one JSON log line per request" grep -q '"message":"request".*"function":"send-message"' "$log"
 
 echo "e2e: $passed passed, $failed failed"

@@ -107,7 +107,9 @@ pub const DEVICE_EXISTS_SQL: &str =
     "SELECT EXISTS (SELECT 1 FROM devices WHERE user_id = $1 AND device_id = $2)";
 
 /// A refusal other than 401 and the router's own answers: one the handler may have given
-/// before any of its statements checked the token's device (a malformed body, say).
+/// before any of its statements checked the token's device (a malformed body, say). Not a 429:
+/// only a counting statement refuses with one, and each checks the token's device before it
+/// counts, so a stream of refused requests costs one round trip each, not two.
 fn refused_before_the_caller_was_checked(error: &ApiError) -> bool {
     error.status().is_client_error()
         && !matches!(
@@ -115,6 +117,8 @@ fn refused_before_the_caller_was_checked(error: &ApiError) -> bool {
             ApiError::Unauthorized
                 | ApiError::InvalidCredentials
                 | ApiError::MethodNotAllowed { .. }
+                | ApiError::RateLimited { .. }
+                | ApiError::MailboxFull { .. }
         )
 }
 

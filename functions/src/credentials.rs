@@ -7,9 +7,10 @@
 //! count back to the others (it guessed nothing), in that same statement, so one address locked
 //! out after `LOGIN_MAX_FAILURES` cannot go on filling the name's counter for every address. A
 //! success gives its provisional count back too, and clears the name-and-address counter, its
-//! own: that is the one statement after bcrypt, where the request writes its own outcome too
-//! (`DELETE /me` its delete). So a refusal or a wrong password costs one round trip and a
-//! success two, the least a check with bcrypt between two statements can take.
+//! own: that is the one statement after bcrypt, where every request but a login writes its own
+//! outcome too (the delete, the link, the removal, the new signing key: `forgiven_cte!`). So a
+//! refusal or a wrong password costs one round trip and a success two, the least a check with
+//! bcrypt between two statements can take.
 
 use common::domain::Password;
 use common::http::{Caller, client_address};
@@ -74,45 +75,6 @@ pub const FORGIVE_SQL: &str = concat!(
     "UPDATE users SET hashed_password = $5 WHERE id = $4 AND $5::text IS NOT NULL"
 );
 
-/// The caller's name key, which the login limits count by, while the token's device exists.
-pub const CALLER_SQL: &str = r#"
-SELECT lower(u.name COLLATE "C") FROM users u
-JOIN devices d ON d.user_id = u.id AND d.device_id = $2
-WHERE u.id = $1
-"#;
-
-/// The caller's name key; 401 when the token's device (or account) no longer exists.
-pub async fn caller_name_key(state: &AppState, caller: Caller) -> Result<String, ApiError> {
-    let name_key: Option<String> = state
-        .db
-        .query_scalar(CALLER_SQL)
-        .bind(caller.user_id)
-        .bind(caller.device_id)
-        .fetch_optional(state.pool())
-        .await?;
-    name_key.ok_or(ApiError::Unauthorized)
-}
-
-/// The caller's own password, for an authenticated request that needs it too and has found its
-/// name key already (`DELETE /devices/{id}`, a signing-key reset): checked as a login attempt
-/// from the request's address, so a wrong one counts against the same limits, and its success
-/// written in a statement of its own. (`verify_caller` needs neither: `DELETE /me` uses it.)
-pub async fn check_caller(
-    state: &AppState,
-    request: &Request,
-    caller: Caller,
-    name_key: &str,
-    password: &Password,
-) -> Result<(), ApiError> {
-    let address = client_address(request);
-    let owner = check(state, name_key, password, &address, caller.device_id).await?;
-    if owner != caller.user_id {
-        // The account was deleted and its name taken again while this request ran.
-        return Err(ApiError::Unauthorized);
-    }
-    Ok(())
-}
-
 /// What the statement before bcrypt counted and found.
 #[derive(sqlx::FromRow)]
 struct Attempt {
@@ -142,6 +104,17 @@ impl Verified {
         query
             .bind(&self.buckets)
             .bind(&self.keys)
+            .bind(Bucket::LoginNameAddress.as_str())
+    }
+
+    /// Binds `forgiven_cte!`'s `$1` to `$3` so that it gives nothing back: for a statement that
+    /// a request runs with or without a password checked before it (`PUT /keys/signing-key`).
+    pub fn bind_nothing<'q>(
+        query: Query<'q, Postgres, PgArguments>,
+    ) -> Query<'q, Postgres, PgArguments> {
+        query
+            .bind(Vec::<String>::new())
+            .bind(Vec::<String>::new())
             .bind(Bucket::LoginNameAddress.as_str())
     }
 
@@ -204,8 +177,9 @@ async fn verify(
 }
 
 /// The id of the user named `name_key` when `password` is theirs and `device_id` is one of its
-/// devices. Over a limit: 429 before the password is looked at; a wrong password, an unknown
-/// name or an unknown device: 401 `invalid_credentials`, in the same time.
+/// devices (`POST /login`), its success written at once. Over a limit: 429 before the password
+/// is looked at; a wrong password, an unknown name or an unknown device: 401
+/// `invalid_credentials`, in the same time.
 pub async fn check(
     state: &AppState,
     name_key: &str,
@@ -213,6 +187,21 @@ pub async fn check(
     address: &str,
     device_id: i32,
 ) -> Result<Uuid, ApiError> {
+    verify_login(state, name_key, password, address, device_id)
+        .await?
+        .forgive(state, password)
+        .await
+}
+
+/// `check` for a request that writes the success in its own next statement (`POST /devices`),
+/// with `forgiven_cte!`: the hash is then left at its cost, for the next login to replace.
+pub async fn verify_login(
+    state: &AppState,
+    name_key: &str,
+    password: &Password,
+    address: &str,
+    device_id: i32,
+) -> Result<Verified, ApiError> {
     let attempt: Attempt = state
         .db
         .query_as(ATTEMPT_SQL)
@@ -223,16 +212,13 @@ pub async fn check(
         .bind(device_id)
         .fetch_one(state.pool())
         .await?;
-    verify(state, attempt, password)
-        .await?
-        .forgive(state, password)
-        .await
+    verify(state, attempt, password).await
 }
 
 /// The caller's own password, checked as a login attempt from the request's address and
 /// counted under the account's name, for a request that then writes its success itself
-/// (`DELETE /me`). 401 `unauthorized`, nothing counted, when the token's device or account is
-/// gone.
+/// (`DELETE /me`, `DELETE /devices/{id}`, a signing-key reset). 401 `unauthorized`, nothing
+/// counted, when the token's device or account is gone.
 pub async fn verify_caller(
     state: &AppState,
     request: &Request,

@@ -14,9 +14,11 @@ use common::{ApiError, AppState};
 use lambda_http::Request;
 use lambda_http::http::StatusCode;
 use serde::Serialize;
+use sqlx::FromRow;
+use sqlx::postgres::PgRow;
 
 use crate::create_link_code::{code_hash, normalise};
-use crate::credentials;
+use crate::credentials::{self, forgiven_cte};
 
 /// Longest label, in characters.
 pub const MAX_LABEL_CHARS: usize = 64;
@@ -29,11 +31,14 @@ pub struct Linked {
     pub created_at: DateTime<Utc>,
 }
 
-/// One call: lock, lock-out, code, limit, id and insert (see the function in the migration).
-pub const LINK_SQL: &str = r#"
-SELECT outcome, device_id, created_at, retry_after
-FROM link_device($1, $2, $3, $4, $5, $6, $7)
-"#;
+/// One call: lock, lock-out, code, limit, id and insert (see the function in the migration);
+/// with the login counters the password check raised given back, in the one statement after
+/// bcrypt (`credentials::Verified::bind_forgiven` binds `$1` to `$3`).
+pub const LINK_SQL: &str = concat!(
+    forgiven_cte!(),
+    "SELECT outcome, device_id, created_at, retry_after ",
+    "FROM link_device($4, $5, $6, $7, $8, $9, $10)"
+);
 
 #[derive(sqlx::FromRow)]
 struct Outcome {
@@ -71,20 +76,20 @@ pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
     let label = parse_label(body.required_str("label")?)?;
     let config = &state.config;
 
-    // Device 1 exists as long as the account does.
+    // Device 1 exists as long as the account does. One statement counts the attempt and finds
+    // the hash, one after bcrypt links: two round trips, the floor with bcrypt between them.
     let address = client_address(&request);
-    let user_id = credentials::check(state, &name.key(), &password, &address, 1).await?;
-
-    let outcome: Outcome = state
-        .db
-        .query_as(LINK_SQL)
-        .bind(user_id)
+    let verified = credentials::verify_login(state, &name.key(), &password, &address, 1).await?;
+    let outcome: Outcome = verified
+        .bind_forgiven(state.db.query(LINK_SQL))
+        .bind(verified.user_id)
         .bind(hash)
         .bind(label)
         .bind(public_key.as_str())
         .bind(i32::try_from(config.max_devices_per_account).unwrap_or(i32::MAX))
         .bind(i32::try_from(config.link_max_failures).unwrap_or(i32::MAX))
         .bind(config.link_window_seconds as f64)
+        .try_map(|row: PgRow| Outcome::from_row(&row))
         .fetch_one(state.pool())
         .await?;
     match outcome.outcome.as_str() {

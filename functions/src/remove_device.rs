@@ -9,12 +9,16 @@ use common::response::no_content;
 use common::runtime::HandlerResult;
 use common::{ApiError, AppState};
 use lambda_http::Request;
+use sqlx::Row;
+use sqlx::postgres::PgRow;
 
-use crate::credentials;
+use crate::credentials::{self, forgiven_cte};
 
 /// One call of `remove_device()` (migrations/20261204000001): the account row, then the device
-/// row (the lock order), the count, and the device's undelivered mail.
-pub const REMOVE_SQL: &str = "SELECT remove_device($1, $2, $3)";
+/// row (the lock order), the count, and the device's undelivered mail; with the login counters
+/// the password check raised given back, in the one statement after bcrypt
+/// (`credentials::Verified::bind_forgiven` binds `$1` to `$3`).
+pub const REMOVE_SQL: &str = concat!(forgiven_cte!(), "SELECT remove_device($4, $5, $6)");
 
 /// A device id from the path: a positive whole number in the database's `integer`; anything
 /// else is 400.
@@ -37,20 +41,22 @@ pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
     let device_id = parse_device_id(&raw)?;
     let body = json_body(&request, crate::MAX_ACCOUNT_BODY_BYTES)?;
     let password = Password::parse(body.required_str("password")?)?;
-    let name_key = credentials::caller_name_key(state, caller).await?;
-    // Refused before bcrypt spends its time: the account itself is removed with DELETE /me.
+    // Refused before anything is counted or bcrypt spends its time: the account itself is
+    // removed with DELETE /me. (A token whose device is gone gets its 401 from the runtime.)
     if device_id == 1 {
         return Err(ApiError::Forbidden(
             "device 1 cannot be removed: DELETE /me removes the account",
         ));
     }
-    credentials::check_caller(state, &request, caller, &name_key, &password).await?;
-    let outcome: String = state
-        .db
-        .query_scalar(REMOVE_SQL)
+    // One statement counts the attempt and finds the caller's hash, one after bcrypt removes:
+    // two round trips, the floor with bcrypt between them.
+    let verified = credentials::verify_caller(state, &request, caller, &password).await?;
+    let outcome: String = verified
+        .bind_forgiven(state.db.query(REMOVE_SQL))
         .bind(caller.user_id)
         .bind(caller.device_id)
         .bind(device_id)
+        .try_map(|row: PgRow| row.try_get(0))
         .fetch_one(state.pool())
         .await?;
     match outcome.as_str() {

@@ -17,31 +17,36 @@ use common::{ApiError, AppState};
 use lambda_http::http::StatusCode;
 use lambda_http::{Body, Request, Response};
 use serde::Serialize;
+use sqlx::FromRow;
+use sqlx::postgres::PgRow;
 
-use crate::credentials;
+use crate::credentials::{self, Verified, forgiven_cte};
 use crate::signatures::{Context, Signature, SigningKey, signed_message, stored_x25519};
 
-/// The device's keys as the signatures are checked against them, and the caller's name key for
-/// a password check; no row when the token's device (or account) is gone.
+/// The device's keys as the signatures are checked against them; no row when the token's
+/// device (or account) is gone.
 pub const DEVICE_SQL: &str = r#"
-SELECT d.public_key, d.signing_key, d.signing_key_reset, lower(u.name COLLATE "C") AS name_key
+SELECT d.public_key, d.signing_key, d.signing_key_reset
 FROM devices d
-JOIN users u ON u.id = d.user_id
 WHERE d.user_id = $1 AND d.device_id = $2
 "#;
 
 /// `set_signing_key()` (migrations/20261204000001): under the device row's lock, the keys must
-/// still be the ones checked (`$3` public key, `$4` signing key seen); then the new key
-/// (`$5`, `$6` binding signature, `$7` reset) and the prekeys deleted.
-pub const SET_SQL: &str =
-    "SELECT outcome, signing_key_reset FROM set_signing_key($1, $2, $3, $4, $5, $6, $7)";
+/// still be the ones checked (`$6` public key, `$7` signing key seen); then the new key
+/// (`$8`, `$9` binding signature, `$10` reset) and the prekeys deleted. With the login counters
+/// a password check raised given back (`$1` to `$3`, empty without one), so a reset by password
+/// writes its success in this statement too.
+pub const SET_SQL: &str = concat!(
+    forgiven_cte!(),
+    "SELECT outcome, signing_key_reset ",
+    "FROM set_signing_key($4, $5, $6, $7, $8, $9, $10)"
+);
 
 #[derive(sqlx::FromRow)]
 struct Device {
     public_key: String,
     signing_key: Option<String>,
     signing_key_reset: bool,
-    name_key: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -88,8 +93,8 @@ pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
         });
     }
 
-    let reset = match device.signing_key.as_deref() {
-        None => false,
+    let (reset, verified) = match device.signing_key.as_deref() {
+        None => (false, None),
         Some(current) if current == signing_key.pem() => {
             return Ok(answer(caller, &signing_key, device.signing_key_reset));
         }
@@ -99,15 +104,17 @@ pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
                 new: &signing_key,
                 rotation,
                 password,
-                name_key: &device.name_key,
             };
             replacement.reset(state, &request, caller).await?
         }
     };
 
-    let (outcome, signing_key_reset): (String, bool) = state
-        .db
-        .query_as(SET_SQL)
+    let set = state.db.query(SET_SQL);
+    let set = match &verified {
+        Some(verified) => verified.bind_forgiven(set),
+        None => Verified::bind_nothing(set),
+    };
+    let (outcome, signing_key_reset): (String, bool) = set
         .bind(caller.user_id)
         .bind(caller.device_id)
         .bind(&device.public_key)
@@ -115,6 +122,7 @@ pub async fn handler(state: &AppState, request: Request) -> HandlerResult {
         .bind(signing_key.pem())
         .bind(binding.0.as_slice())
         .bind(reset)
+        .try_map(|row: PgRow| <(String, bool)>::from_row(&row))
         .fetch_one(state.pool())
         .await?;
     match outcome.as_str() {
@@ -148,18 +156,18 @@ struct Replacement<'a> {
     new: &'a SigningKey,
     rotation: Option<Signature>,
     password: Option<Password>,
-    name_key: &'a str,
 }
 
 impl Replacement<'_> {
     /// The new `signing_key_reset` when the caller may replace the key: false with a rotation
-    /// signature by the current key (tried first: it costs no bcrypt), true with the password.
+    /// signature by the current key (tried first: it costs no bcrypt), true with the password,
+    /// whose success the statement that sets the key writes (`Verified`).
     async fn reset(
         self,
         state: &AppState,
         request: &Request,
         caller: Caller,
-    ) -> Result<bool, ApiError> {
+    ) -> Result<(bool, Option<Verified>), ApiError> {
         if let Some(signature) = self.rotation {
             let current =
                 SigningKey::parse("signing_key", self.current).map_err(ApiError::internal)?;
@@ -170,7 +178,7 @@ impl Replacement<'_> {
                 &[self.new.raw()],
             );
             return if current.verifies(&message, &signature) {
-                Ok(false)
+                Ok((false, None))
             } else {
                 Err(ApiError::InvalidSignature {
                     field: "rotation_sig",
@@ -183,7 +191,7 @@ impl Replacement<'_> {
                 "replacing a signing key needs rotation_sig (by the current key) or the password",
             ));
         };
-        credentials::check_caller(state, request, caller, self.name_key, &password).await?;
-        Ok(true)
+        let verified = credentials::verify_caller(state, request, caller, &password).await?;
+        Ok((true, Some(verified)))
     }
 }

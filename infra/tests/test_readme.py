@@ -83,7 +83,12 @@ class TheWalk(unittest.TestCase):
 
 
 class Documents(unittest.TestCase):
-    DOCS = [REPO / "README.md", REPO / "infra" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    DOCS = [
+        REPO / "README.md",
+        REPO / "infra" / "README.md",
+        REPO / "vendor" / "README.md",
+        *sorted((REPO / "docs").glob("*.md")),
+    ]
 
     def test_docs_links_resolve_inside_the_repository(self):
         for page in (REPO / "docs").glob("*.md"):
@@ -94,6 +99,20 @@ class Documents(unittest.TestCase):
                     target = (page.parent / link.split("#", 1)[0]).resolve()
                     self.assertTrue(target.is_relative_to(REPO), f"{link} is outside the repository")
                     self.assertTrue(target.exists(), f"{link} does not exist")
+
+    def test_the_layout_names_every_bench_part_and_client_module(self):
+        design = (REPO / "docs" / "DESIGN.md").read_text(encoding="utf-8")
+        rows = {m.group(1): m.group(2) for m in re.finditer(r"(?m)^\| `(bench|client)/` \|(.*)$", design)}
+        self.assertEqual(set(rows), {"bench", "client"}, "docs/DESIGN.md's layout lost a row")
+        parts = [
+            p.stem for p in (REPO / "bench" / "src").glob("*.rs")
+            if p.stem != "main" and re.search(r"fn phase", p.read_text(encoding="utf-8"))
+        ]
+        modules = [p.stem for p in (REPO / "client" / "src").iterdir() if p.stem not in ("lib", "main")]
+        for row, names in (("bench", parts), ("client", modules)):
+            for name in names:
+                with self.subTest(row=row, module=name):
+                    self.assertIn(f"`{name}`", rows[row])
 
     def test_no_issue_numbers(self):
         for page in self.DOCS:

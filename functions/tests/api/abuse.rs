@@ -8,7 +8,8 @@ use serde_json::json;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
-use crate::support::{JWT_SECRET, PASSWORD, TestApp, key};
+use crate::prekeys;
+use crate::support::{JWT_SECRET, PASSWORD, RequestBuilder, TestApp, key};
 
 /// A second "Lambda instance": its own pool (own connections) and state over the same database.
 async fn second_instance(pool: &PgPool, vars: &[(&str, &str)]) -> TestApp {
@@ -202,6 +203,121 @@ async fn password_checks_of_a_caller_hold_the_limit_under_concurrency(pool: PgPo
             .assert_error(401, "unauthorized");
     }
     assert_eq!(counters().await, after_delete);
+}
+
+/// The other requests a password authorises check it the same way, with the success written in
+/// the statement after bcrypt: per endpoint, 40 wrong passwords at once on 10 instances are at
+/// most `LOGIN_MAX_FAILURES` checked, and the right one from another address then succeeds and
+/// gives its own count back in the statement that does the work.
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn every_password_endpoint_holds_the_limit_under_concurrency(pool: PgPool) {
+    #[derive(Clone, Copy, Debug)]
+    enum Endpoint {
+        RemoveDevice,
+        ResetSigningKey,
+        LinkDevice,
+    }
+    fn password_request<'a>(
+        app: &'a TestApp,
+        endpoint: Endpoint,
+        user: &prekeys::Device,
+        code: &str,
+        password: &str,
+    ) -> RequestBuilder<'a> {
+        match endpoint {
+            Endpoint::RemoveDevice => app
+                .request("DELETE", "/devices/2")
+                .bearer(&user.token)
+                .json(json!({"password": password})),
+            Endpoint::ResetSigningKey => {
+                let mut body = prekeys::signing_key_body(user, &prekeys::secret(2));
+                body["password"] = json!(password);
+                prekeys::signing_key_request(app, user, body)
+            }
+            Endpoint::LinkDevice => app.request("POST", "/devices").json(json!({
+                "name": user.name, "password": password, "link_code": code,
+                "public_key": key("x25519.pem"), "label": "laptop",
+            })),
+        }
+    }
+    let vars = [("LOGIN_MAX_FAILURES", "5")];
+    let setup = TestApp::with_env(pool.clone(), &vars);
+    let mut apps = Vec::new();
+    for _ in 0..10 {
+        apps.push(second_instance(&pool, &vars).await);
+    }
+    for (endpoint, name) in [
+        (Endpoint::RemoveDevice, "remover"),
+        (Endpoint::ResetSigningKey, "resetter"),
+        (Endpoint::LinkDevice, "linker"),
+    ] {
+        let user = prekeys::x25519_user(&setup, name).await;
+        let code = match endpoint {
+            Endpoint::RemoveDevice => {
+                prekeys::add_device(&setup, &user, prekeys::x25519_raw("second")).await;
+                String::new()
+            }
+            Endpoint::ResetSigningKey => {
+                let first = prekeys::signing_key_body(&user, &prekeys::secret(1));
+                let r = prekeys::signing_key_request(&setup, &user, first)
+                    .send()
+                    .await;
+                assert_eq!(r.status, 200, "{}", r.text);
+                String::new()
+            }
+            Endpoint::LinkDevice => {
+                let r = setup
+                    .request("POST", "/devices/link-codes")
+                    .bearer(&user.token)
+                    .send()
+                    .await;
+                assert_eq!(r.status, 201, "{}", r.text);
+                r.body["code"].as_str().unwrap().to_string()
+            }
+        };
+        let request = |app, password, ip| {
+            password_request(app, endpoint, &user, &code, password).with_source_ip(ip)
+        };
+        let attempts = (0..40)
+            .map(|i| request(&apps[i % apps.len()], "wrong-password", "198.51.100.7").send());
+        let (mut checked, mut limited) = (0, 0);
+        for r in futures::future::join_all(attempts).await {
+            match r.status {
+                401 => {
+                    r.assert_error(401, "invalid_credentials");
+                    checked += 1;
+                }
+                429 => limited += 1,
+                other => panic!("{endpoint:?}: unexpected {other}: {}", r.text),
+            }
+        }
+        assert!(checked <= 5, "{endpoint:?}: {checked} of 40 were checked");
+        assert_eq!(checked + limited, 40, "{endpoint:?}");
+
+        let r = request(&apps[0], PASSWORD, "192.0.2.81").send().await;
+        assert!(
+            (200..300).contains(&r.status),
+            "{endpoint:?}: {} {}",
+            r.status,
+            r.text
+        );
+        let counted: Vec<(String, i32)> = sqlx::query_as(
+            "SELECT bucket, attempts FROM rate_limits WHERE bucket LIKE 'login%' \
+             AND key IN ($1, $1 || '@192.0.2.81') ORDER BY bucket",
+        )
+        .bind(name)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            counted,
+            [
+                ("login_name".to_string(), checked),
+                ("login_name_address".to_string(), 0),
+            ],
+            "{endpoint:?}"
+        );
+    }
 }
 
 #[derive(Clone, Default)]

@@ -18,27 +18,27 @@ use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::support::{PASSWORD, TestApp, TestResponse};
+use crate::support::{PASSWORD, RequestBuilder, TestApp, TestResponse};
 
 /// A device of a test account: its ids, a token for it, its X25519 key's raw bytes.
 #[derive(Clone)]
-struct Device {
-    name: String,
-    user_id: Uuid,
-    device_id: i32,
-    token: String,
-    x25519: [u8; 32],
+pub(crate) struct Device {
+    pub name: String,
+    pub user_id: Uuid,
+    pub device_id: i32,
+    pub token: String,
+    pub x25519: [u8; 32],
 }
 
 /// A device's X25519 key, from a seed: hash output is never one of the few small-order points
 /// (checked, to be sure).
-fn x25519_raw(seed: &str) -> [u8; 32] {
+pub(crate) fn x25519_raw(seed: &str) -> [u8; 32] {
     let raw: [u8; 32] = Sha256::digest(seed.as_bytes()).into();
     assert!(!common::domain::is_small_order_x25519(&raw));
     raw
 }
 
-fn secret(seed: u8) -> Secret {
+pub(crate) fn secret(seed: u8) -> Secret {
     Secret::from_bytes(&[seed; 32])
 }
 
@@ -52,7 +52,7 @@ fn sign(secret: &Secret, context: Context, device: &Device, fields: &[&[u8]]) ->
 }
 
 /// `PUT /keys/signing-key` for `new`, bound to `device`'s key.
-fn signing_key_body(device: &Device, new: &Secret) -> Value {
+pub(crate) fn signing_key_body(device: &Device, new: &Secret) -> Value {
     json!({
         "signing_key": pem(new),
         "binding_sig": sign(new, Context::Bind, device, &[&device.x25519, new.verifying_key().as_bytes()]),
@@ -82,7 +82,7 @@ fn prekeys(secret: &Secret, device: &Device, ids: impl IntoIterator<Item = u32>)
 }
 
 /// Registers `name` with an X25519 key and logs device 1 in.
-async fn x25519_user(app: &TestApp, name: &str) -> Device {
+pub(crate) async fn x25519_user(app: &TestApp, name: &str) -> Device {
     let x25519 = x25519_raw(name);
     let r = app
         .request("POST", "/register")
@@ -102,7 +102,7 @@ async fn x25519_user(app: &TestApp, name: &str) -> Device {
 
 /// Device 2 of `user`'s account, made directly in the database (linking is another module's),
 /// with this X25519 key, logged in.
-async fn add_device(app: &TestApp, user: &Device, x25519: [u8; 32]) -> Device {
+pub(crate) async fn add_device(app: &TestApp, user: &Device, x25519: [u8; 32]) -> Device {
     sqlx::query(
         "INSERT INTO devices (user_id, device_id, label, public_key) VALUES ($1, 2, 'second', $2)",
     )
@@ -130,12 +130,18 @@ async fn add_device(app: &TestApp, user: &Device, x25519: [u8; 32]) -> Device {
     }
 }
 
-async fn put_signing_key(app: &TestApp, device: &Device, body: Value) -> TestResponse {
+pub(crate) fn signing_key_request<'a>(
+    app: &'a TestApp,
+    device: &Device,
+    body: Value,
+) -> RequestBuilder<'a> {
     app.request("PUT", "/keys/signing-key")
         .bearer(&device.token)
         .json(body)
-        .send()
-        .await
+}
+
+async fn put_signing_key(app: &TestApp, device: &Device, body: Value) -> TestResponse {
+    signing_key_request(app, device, body).send().await
 }
 
 /// Sets `key` as the device's first signing key.
@@ -477,6 +483,23 @@ async fn replacing_a_signing_key_needs_the_old_key_or_the_password(pool: PgPool)
     assert_eq!(
         r.body,
         json!({"device_id": 1, "signing_key": pem(&k2), "signing_key_reset": true})
+    );
+    // Its success gave its own count back, in the statement that set the key: the earlier
+    // failure still counts against the name and the address, none against the two together.
+    let counted: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT bucket, attempts FROM rate_limits WHERE bucket LIKE 'login%' ORDER BY bucket",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        counted,
+        [
+            ("login_address".to_string(), 1),
+            ("login_name".to_string(), 1),
+            ("login_name_address".to_string(), 0),
+        ],
+        "{counted:?}"
     );
     assert_eq!(
         count(&app, &alice).await,

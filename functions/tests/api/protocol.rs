@@ -13,10 +13,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{Value, json};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{Column, Connection, PgConnection, PgPool, Row, TypeInfo};
 
+use crate::prekeys;
 use crate::support::{PASSWORD, RequestBuilder, TestApp, TestResponse, key};
 
 #[derive(Default)]
@@ -406,12 +407,12 @@ async fn account_endpoints_take_the_round_trips_they_need(pool: PgPool) {
         401,
         1,
     );
-    // A refusal other than 401 also pays the runtime's check of the token's device (common::runtime).
+    // A 429 is decided by the statement that checked the token's device: no check after it.
     expect(
         "delete, over the limit",
         counted(&app, &proxy, delete(&token, PASSWORD, "192.0.2.5")).await,
         429,
-        2,
+        1,
     );
     expect(
         "delete",
@@ -424,6 +425,141 @@ async fn account_endpoints_take_the_round_trips_they_need(pool: PgPool) {
         counted(&app, &proxy, delete(&token, PASSWORD, "192.0.2.6")).await,
         401,
         1,
+    );
+
+    for (what, trips, statements, syncs, _) in &seen {
+        println!("{what:28} {trips} round trips, {statements} statements, {syncs} syncs");
+    }
+    for (what, trips, statements, syncs, floor) in seen {
+        assert_eq!((trips, statements, syncs), (floor, floor, floor), "{what}");
+    }
+    app.state.pool().close().await;
+}
+
+/// The device endpoints that take a password at the same floor: a link, a removal and a
+/// signing-key reset write their success in the statement after bcrypt, and a refusal by the
+/// password or a limit takes the one statement that counted it.
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn device_endpoints_take_the_round_trips_they_need(pool: PgPool) {
+    let proxy = Proxy::for_pool(&pool);
+    let through = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy_with(proxy.options(&pool));
+    let app = TestApp::with_env(through, &[("LOGIN_MAX_FAILURES", "2")]);
+    let ready = app.request("GET", "/health/ready").send().await;
+    assert_eq!(ready.status, 200, "{}", ready.text);
+    let alice = prekeys::x25519_user(&app, "alice").await;
+    let link_code = || async {
+        let r = app
+            .request("POST", "/devices/link-codes")
+            .bearer(&alice.token)
+            .send()
+            .await;
+        assert_eq!(r.status, 201, "{}", r.text);
+        r.body["code"].as_str().unwrap().to_string()
+    };
+    let link = |code: &str, password: &str, ip: &str| {
+        app.request("POST", "/devices").with_source_ip(ip).json(
+            json!({"name": "alice", "password": password, "link_code": code,
+                         "public_key": key("x25519.pem"), "label": "laptop"}),
+        )
+    };
+    let remove = |device: i32, password: &str, ip: &str| {
+        app.request("DELETE", &format!("/devices/{device}"))
+            .bearer(&alice.token)
+            .with_source_ip(ip)
+            .json(json!({"password": password}))
+    };
+    let mut seen = Vec::new();
+    let mut expect =
+        |what: &'static str, (r, d): (TestResponse, Counts), status: u16, trips: u64| {
+            assert_eq!(r.status, status, "{what}: {}", r.text);
+            seen.push((what, d.round_trips, d.statements, d.syncs, trips));
+        };
+
+    let code = link_code().await;
+    expect(
+        "link, wrong password",
+        counted(&app, &proxy, link(&code, "wrong-password", "192.0.2.1")).await,
+        401,
+        1,
+    );
+    expect(
+        "link, wrong code",
+        counted(&app, &proxy, link("AAAA-AAAA-AAAA", PASSWORD, "192.0.2.2")).await,
+        403,
+        2,
+    );
+    expect(
+        "link",
+        counted(&app, &proxy, link(&code, PASSWORD, "192.0.2.2")).await,
+        201,
+        2,
+    );
+    assert_eq!(
+        link(&code, "wrong-password", "192.0.2.1")
+            .send()
+            .await
+            .status,
+        401
+    );
+    expect(
+        "link, over the limit",
+        counted(&app, &proxy, link(&code, PASSWORD, "192.0.2.1")).await,
+        429,
+        1,
+    );
+
+    expect(
+        "remove, wrong password",
+        counted(&app, &proxy, remove(2, "wrong-password", "192.0.2.3")).await,
+        401,
+        1,
+    );
+    // Refused before any statement; the runtime's check of the token's device is the one.
+    expect(
+        "remove device 1",
+        counted(&app, &proxy, remove(1, PASSWORD, "192.0.2.3")).await,
+        403,
+        1,
+    );
+    expect(
+        "remove, over the limit",
+        counted(&app, &proxy, remove(2, PASSWORD, "192.0.2.1")).await,
+        429,
+        1,
+    );
+    expect(
+        "remove",
+        counted(&app, &proxy, remove(2, PASSWORD, "192.0.2.3")).await,
+        204,
+        2,
+    );
+
+    // A first signing key: the device's keys, then the set. A reset by password: the count and
+    // the hash between them, the success written with the new key.
+    let (first, second) = (prekeys::secret(1), prekeys::secret(2));
+    let set = |body: Value| prekeys::signing_key_request(&app, &alice, body);
+    expect(
+        "signing key, the first",
+        counted(&app, &proxy, set(prekeys::signing_key_body(&alice, &first))).await,
+        200,
+        2,
+    );
+    let mut reset = prekeys::signing_key_body(&alice, &second);
+    reset["password"] = json!("wrong-password");
+    expect(
+        "signing key, wrong password",
+        counted(&app, &proxy, set(reset.clone()).with_source_ip("192.0.2.4")).await,
+        401,
+        2,
+    );
+    reset["password"] = json!(PASSWORD);
+    expect(
+        "signing key, reset",
+        counted(&app, &proxy, set(reset).with_source_ip("192.0.2.4")).await,
+        200,
+        3,
     );
 
     for (what, trips, statements, syncs, _) in &seen {

@@ -57,7 +57,6 @@ async fn every_statement_prepares_against_the_schema(pool: PgPool) {
         functions::credentials::FORGIVE_SQL,
         functions::me::SQL,
         common::runtime::DEVICE_EXISTS_SQL,
-        functions::credentials::CALLER_SQL,
         functions::delete_account::DELETE_SQL,
         functions::get_public_key::SQL,
         functions::lookup_user::SQL,
