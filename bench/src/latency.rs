@@ -368,7 +368,6 @@ const LIFTED: &[(&str, &str)] = &[
     ("REGISTER_MAX_PER_ADDRESS", "1000000"),
     ("PREKEY_CLAIMS_PER_WINDOW", "1000000"),
     ("PREKEY_CLAIMS_PER_TARGET", "1000000"),
-    ("PREKEY_MAX_STORED", "100000"),
 ];
 
 /// Devices linked to one account before the link case moves to a fresh one (the limit is 100).
@@ -499,7 +498,7 @@ async fn cases(fx: &Fixture, direct: &'static AppState, n: usize) -> Vec<Case> {
     let pat = account(direct, "pat").await;
     let mut pat_olm = olm(&pat, 1, &pat.key, None);
     publish(direct, &pat.token, &mut pat_olm, 0).await;
-    let pat_token = pat.token.clone();
+    let (pat_id, pat_token) = (pat.id, pat.token.clone());
     let pat_olm = Rc::new(RefCell::new(pat_olm));
 
     // Ria: her signing key replaced by password each time, with A and B in turn.
@@ -770,22 +769,40 @@ async fn cases(fx: &Fixture, direct: &'static AppState, n: usize) -> Vec<Case> {
             format!("POST /keys/prekeys ({PREKEYS_PER_UPLOAD} keys)"),
             200,
             1,
-            each(move || {
-                let mut olm = pat_olm.borrow_mut();
-                let upload = olm
-                    .prekey_upload(PREKEYS_PER_UPLOAD, false)
-                    .expect("prekeys");
-                // The handler's 200 is asserted; the state only makes the next ids.
-                olm.mark_prekeys_published();
-                prekeys_request(&pat_token, &upload)
+            prepared(move || {
+                let (pat_olm, pat_token) = (pat_olm.clone(), pat_token.clone());
+                async move {
+                    let upload = {
+                        let mut olm = pat_olm.borrow_mut();
+                        let upload = olm
+                            .prekey_upload(PREKEYS_PER_UPLOAD, false)
+                            .expect("prekeys");
+                        // The handler's 200 is asserted; the state only makes the next ids.
+                        olm.mark_prekeys_published();
+                        upload
+                    };
+                    // The stock stays under the deployed PREKEY_MAX_STORED (1000), as the
+                    // upload counts it: emptied whenever another upload could pass 900.
+                    let first = upload.prekeys[0].key_id as usize;
+                    if first > 0 && first % 900 < PREKEYS_PER_UPLOAD {
+                        sqlx::query(
+                            "DELETE FROM prekeys WHERE user_id = $1 AND device_id = 1 AND NOT last_resort",
+                        )
+                        .bind(pat_id)
+                        .execute(direct.pool())
+                        .await
+                        .expect("emptying the uploader's stock");
+                    }
+                    prekeys_request(&pat_token, &upload)
+                }
             }),
         ),
         Case::new(
             ("GET", "/keys/prekeys/count"),
-            "GET /keys/prekeys/count",
+            format!("GET /keys/prekeys/count ({stock} keys)"),
             200,
             1,
-            fixed(ApiEvent::new("GET", "/keys/prekeys/count").bearer(&pat.token)),
+            fixed(ApiEvent::new("GET", "/keys/prekeys/count").bearer(&kim.token)),
         ),
         Case::new(
             ("GET", "/keys/{user_id}"),
