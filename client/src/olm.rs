@@ -7,19 +7,26 @@
 //! [`OlmState::to_json`] (0600, atomically) after every change: every message read or sent, every
 //! prekey upload prepared.
 //!
+//! A re-keyed account (a new device key or signing key) leaves the previous one retired for
+//! [`MESSAGE_TTL`]: a peer may have claimed one of its prekeys before the change and send a
+//! pre-key message made from it for as long as messages live on the server.
+//!
 //! Envelope bytes: `0x02 ‖ type (0x00 pre-key, 0x01 normal) ‖ the Olm message`. Plaintext: the
 //! version 1 JSON plus `"from"` and `"to"` (`{"user_id", "device_id"}`).
 
 use crate::envelope::{OpenError, Plaintext};
 use crate::keys::{PrivateKey, PublicKey};
+use crate::store::MESSAGE_TTL;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 use uuid::Uuid;
 use vodozemac::olm::{
-    Account, AccountPickle, OlmMessage, Session, SessionConfig, SessionCreationError, SessionPickle,
+    Account, AccountPickle, InboundCreationResult, OlmMessage, PreKeyMessage, Session,
+    SessionConfig, SessionCreationError, SessionPickle,
 };
 use vodozemac::{Curve25519PublicKey, Curve25519SecretKey, Ed25519SecretKey, KeyId};
 use zeroize::Zeroizing;
@@ -393,11 +400,22 @@ struct PeerSession {
     session: Session,
 }
 
+/// An account this device used before a rotation: its unused one-time keys and its last-resort
+/// keys still start inbound sessions for pre-key messages made from prekeys claimed before then.
+struct RetiredAccount {
+    account: Account,
+    retired_at: DateTime<Utc>,
+    /// Every pre-key message made from its prekeys has expired by then; it is dropped after it.
+    keep_until: DateTime<Utc>,
+}
+
 /// A device's Olm state: its account, the next prekey id and its sessions. Its `Debug` prints no
 /// secret.
 pub struct OlmState {
     own: DeviceAddress,
     account: Account,
+    /// Accounts replaced by a rotation, oldest first, each kept for [`MESSAGE_TTL`].
+    retired: Vec<RetiredAccount>,
     /// The next prekey `key_id`, above every id uploaded under the current signing key; 2^32 when
     /// all are used.
     next_key_id: u64,
@@ -412,6 +430,14 @@ impl fmt::Debug for OlmState {
             .field("identity_key", &self.identity_key())
             .field("signing_key", &self.signing_key())
             .field("next_key_id", &self.next_key_id)
+            .field(
+                "retired_accounts",
+                &self
+                    .retired
+                    .iter()
+                    .map(|r| r.keep_until)
+                    .collect::<Vec<_>>(),
+            )
             .field(
                 "sessions",
                 &self
@@ -431,6 +457,16 @@ struct StoredState {
     account: AccountPickle,
     next_key_id: u64,
     sessions: Vec<StoredPeer>,
+    /// Absent in states written before retired accounts were kept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    retired_accounts: Vec<StoredRetiredAccount>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredRetiredAccount {
+    account: AccountPickle,
+    retired_at: DateTime<Utc>,
+    keep_until: DateTime<Utc>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -489,6 +525,19 @@ fn account_from_keys(
         return Err(OlmError::AccountKeyMismatch);
     }
     Ok(account)
+}
+
+/// Counts the bytes written to it (and keeps none).
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn copy_account(account: &Account) -> Account {
@@ -582,6 +631,7 @@ impl OlmState {
         Ok(OlmState {
             own,
             account: account_from_keys(device_key, &signing_key)?,
+            retired: Vec::new(),
             next_key_id: 0,
             sessions: BTreeMap::new(),
         })
@@ -620,17 +670,36 @@ impl OlmState {
         }
     }
 
-    /// A new signing key (`new_seed`, or a fresh one): returns the state to use once the server
-    /// accepted it (sessions kept; the account's one-time and fallback keys start anew, as the
-    /// server deletes the device's prekeys on any change) and the body of `PUT
-    /// /keys/signing-key` with `rotation_sig` by the current key. `self` stays unchanged, so a
-    /// refused upload changes nothing.
+    /// A new signing key (`new_seed`, or a fresh one) on the account of `device_key` (the
+    /// current device key or its replacement): returns the state to use once the server accepted
+    /// it and the body of `PUT /keys/signing-key` with `rotation_sig` by the current key. The
+    /// sessions are kept; the new account's one-time and fallback keys start anew (the server
+    /// deletes the device's prekeys on any change), and the current account is retired at `now`
+    /// and kept for [`MESSAGE_TTL`]: prekeys claimed before the change still start sessions
+    /// (accounts retired earlier come along, except those past their time).
+    /// `self` stays unchanged, so a refused upload changes nothing.
     pub fn rotate_signing_key(
         &self,
         device_key: &PrivateKey,
         new_seed: Option<&[u8; 32]>,
+        now: DateTime<Utc>,
     ) -> Result<(OlmState, SigningKeyUpload), OlmError> {
         let mut rotated = OlmState::new(self.own, device_key, new_seed)?;
+        rotated.retired = self
+            .retired
+            .iter()
+            .filter(|r| r.keep_until > now)
+            .map(|r| RetiredAccount {
+                account: copy_account(&r.account),
+                retired_at: r.retired_at,
+                keep_until: r.keep_until,
+            })
+            .collect();
+        rotated.retired.push(RetiredAccount {
+            account: copy_account(&self.account),
+            retired_at: now,
+            keep_until: now + MESSAGE_TTL,
+        });
         rotated.sessions = self
             .sessions
             .iter()
@@ -730,6 +799,20 @@ impl OlmState {
         self.sessions.get(&peer).map_or(0, Vec::len)
     }
 
+    /// Accounts retired by rotations and still kept (their prekeys may be in flight).
+    pub fn retired_account_count(&self) -> usize {
+        self.retired.len()
+    }
+
+    /// Drops the retired accounts whose prekeys can no longer be in a live message (kept
+    /// [`MESSAGE_TTL`] from their rotation); true when one was dropped. Called before the state
+    /// is saved.
+    pub fn prune_retired_accounts(&mut self, now: DateTime<Utc>) -> bool {
+        let before = self.retired.len();
+        self.retired.retain(|r| r.keep_until > now);
+        self.retired.len() != before
+    }
+
     /// Forgets every session with `peer` (a lost session: the next message starts a new one).
     pub fn forget_sessions(&mut self, peer: DeviceAddress) {
         self.sessions.remove(&peer);
@@ -824,17 +907,13 @@ impl OlmState {
                     })
                     .ok_or(OlmError::DoesNotOpen);
             }
-            let mut account = copy_account(&self.account);
-            let created = account
-                .create_inbound_session(
-                    SessionConfig::version_1(),
-                    Curve25519PublicKey::from_bytes(from_identity.0),
-                    pre_key,
-                )
-                .map_err(creation_error)?;
+            let (which, account, created) = self.inbound_session(from_identity, pre_key)?;
             let bytes = Zeroizing::new(created.plaintext);
             let plaintext = read_plaintext(&bytes, from, own)?;
-            self.account = account;
+            match which {
+                None => self.account = account,
+                Some(index) => self.retired[index].account = account,
+            }
             self.put_first(
                 from,
                 PeerSession {
@@ -874,6 +953,36 @@ impl OlmState {
         Err(OlmError::DoesNotOpen)
     }
 
+    /// Makes an inbound session for `pre_key` on a copy of the account holding its one-time key:
+    /// the current account, else the retired ones, newest first. Gives which account (None: the
+    /// current one, else its index in `retired`) and the copy to keep if the message is accepted.
+    fn inbound_session(
+        &self,
+        from_identity: &PublicKey,
+        pre_key: &PreKeyMessage,
+    ) -> Result<(Option<usize>, Account, InboundCreationResult), OlmError> {
+        let accounts = std::iter::once((None, &self.account)).chain(
+            self.retired
+                .iter()
+                .enumerate()
+                .rev()
+                .map(|(i, r)| (Some(i), &r.account)),
+        );
+        for (which, source) in accounts {
+            let mut account = copy_account(source);
+            match account.create_inbound_session(
+                SessionConfig::version_1(),
+                Curve25519PublicKey::from_bytes(from_identity.0),
+                pre_key,
+            ) {
+                Ok(created) => return Ok((which, account, created)),
+                Err(SessionCreationError::MissingOneTimeKey(_)) => continue,
+                Err(e) => return Err(creation_error(e)),
+            }
+        }
+        Err(OlmError::UnknownOneTimeKey)
+    }
+
     /// Tries session `index` of `from` on a copy; keeps the copy (and moves the session first)
     /// only when the message opens and is addressed as delivered. None: it does not open there.
     fn decrypt_in(
@@ -903,6 +1012,15 @@ impl OlmState {
             own: self.own,
             account: self.account.pickle(),
             next_key_id: self.next_key_id,
+            retired_accounts: self
+                .retired
+                .iter()
+                .map(|r| StoredRetiredAccount {
+                    account: r.account.pickle(),
+                    retired_at: r.retired_at,
+                    keep_until: r.keep_until,
+                })
+                .collect(),
             sessions: self
                 .sessions
                 .iter()
@@ -918,7 +1036,10 @@ impl OlmState {
                 })
                 .collect(),
         };
-        let mut json = Zeroizing::new(Vec::with_capacity(16 * 1024));
+        // Sized up front, so that no reallocation leaves a copy of the keys behind.
+        let mut size = ByteCount(0);
+        serde_json::to_writer(&mut size, &stored).expect("the state serializes");
+        let mut json = Zeroizing::new(Vec::with_capacity(size.0));
         serde_json::to_writer(&mut *json, &stored).expect("the state serializes");
         Zeroizing::new(String::from_utf8(json.to_vec()).expect("JSON is UTF-8"))
     }
@@ -949,9 +1070,19 @@ impl OlmState {
             }
             sessions.insert(peer.peer, list);
         }
+        let retired = stored
+            .retired_accounts
+            .into_iter()
+            .map(|r| RetiredAccount {
+                account: Account::from_pickle(r.account),
+                retired_at: r.retired_at,
+                keep_until: r.keep_until,
+            })
+            .collect();
         Ok(OlmState {
             own: stored.own,
             account,
+            retired,
             next_key_id: stored.next_key_id,
             sessions,
         })
@@ -1167,7 +1298,9 @@ mod tests {
         );
 
         let new_seed = [0x08; 32];
-        let (rotated, rotation) = state.rotate_signing_key(&key, Some(&new_seed)).unwrap();
+        let (rotated, rotation) = state
+            .rotate_signing_key(&key, Some(&new_seed), Utc::now())
+            .unwrap();
         let new_raw = *ed25519_dalek::SigningKey::from_bytes(&new_seed)
             .verifying_key()
             .as_bytes();
@@ -1618,7 +1751,10 @@ mod tests {
             receive(&mut bob, &alice, &m)
         }
         .unwrap();
-        let (rotated, _) = bob.state.rotate_signing_key(&bob.key, None).unwrap();
+        let (rotated, _) = bob
+            .state
+            .rotate_signing_key(&bob.key, None, Utc::now())
+            .unwrap();
         assert_ne!(rotated.signing_key(), bob.state.signing_key());
         bob.state = rotated;
         let reply = send(&mut bob, &alice, "after rotation");
@@ -1717,6 +1853,41 @@ mod tests {
     }
 
     #[test]
+    fn a_state_written_before_retired_accounts_loads() {
+        let (mut alice, mut bob) = (device(1), device(2));
+        start(&mut alice, &mut bob);
+        let plain = bob.state.to_json();
+        assert!(
+            !plain.contains("retired_accounts"),
+            "no field while there is none"
+        );
+        let (rotated, _) = bob
+            .state
+            .rotate_signing_key(&bob.key, None, Utc::now())
+            .unwrap();
+        let json = rotated.to_json();
+        assert!(json.contains("retired_accounts"));
+        let mut old: serde_json::Value = serde_json::from_str(&json).unwrap();
+        old.as_object_mut().unwrap().remove("retired_accounts");
+        let loaded = OlmState::from_json(&old.to_string(), &bob.key.public_key()).unwrap();
+        assert_eq!(loaded.retired_account_count(), 0);
+        assert_eq!(
+            OlmState::from_json(&json, &bob.key.public_key())
+                .unwrap()
+                .retired_account_count(),
+            1
+        );
+        // Rotating again keeps both, newest last, and drops only expired ones.
+        let now = Utc::now();
+        let (twice, _) = rotated.rotate_signing_key(&bob.key, None, now).unwrap();
+        assert_eq!(twice.retired_account_count(), 2);
+        let (later, _) = twice
+            .rotate_signing_key(&bob.key, None, now + MESSAGE_TTL)
+            .unwrap();
+        assert_eq!(later.retired_account_count(), 1);
+    }
+
+    #[test]
     fn debug_prints_no_secret() {
         let key = PrivateKey::from_bytes([0x42; 32]);
         let seed = [0x07; 32];
@@ -1732,6 +1903,15 @@ mod tests {
         }
         // The pickle does hold them: that is what the 0600 file is for.
         assert!(state.to_json().contains("66,66,66"));
+        // A retired account is not shown either.
+        let (rotated, _) = state
+            .rotate_signing_key(&PrivateKey::generate(), None, Utc::now())
+            .unwrap();
+        let shown = format!("{rotated:?}");
+        assert!(shown.contains("retired_accounts"));
+        assert!(!shown.contains(&BASE64.encode(key.as_bytes())));
+        assert!(!shown.contains("66, 66, 66"));
+        assert!(rotated.to_json().contains("66,66,66"), "kept in the file");
     }
 
     /// Figures for docs: `cargo test -p client --lib olm::tests::timings -- --ignored --nocapture`.

@@ -520,6 +520,9 @@ pub struct DeviceChanges {
     pub new: Vec<(u32, String)>,
     /// `(device id, pinned fingerprint, listed fingerprint)`.
     pub changed: Vec<(u32, String, String)>,
+    /// Devices whose signing key changed (or went), as [`Contact::reconcile_signing`] returns
+    /// them: pending like a changed key. [`Contact::reconcile`] leaves it empty.
+    pub signing_changed: Vec<u32>,
     /// Devices no longer listed.
     pub removed: Vec<u32>,
 }
@@ -527,7 +530,7 @@ pub struct DeviceChanges {
 impl DeviceChanges {
     /// Whether something waits for the user's `trust`.
     pub fn needs_trust(&self) -> bool {
-        !self.new.is_empty() || !self.changed.is_empty()
+        !self.new.is_empty() || !self.changed.is_empty() || !self.signing_changed.is_empty()
     }
 }
 
@@ -900,7 +903,15 @@ mod tests {
             vec![(1, k1.fingerprint(), k1b.fingerprint())]
         );
         assert_eq!(changes.removed, vec![2]);
+        assert!(changes.signing_changed.is_empty());
         assert!(changes.needs_trust() && c.has_pending());
+        // A signing key change alone waits for `trust` too.
+        let signing_only = DeviceChanges {
+            signing_changed: vec![1],
+            ..DeviceChanges::default()
+        };
+        assert!(signing_only.needs_trust());
+        assert!(!DeviceChanges::default().needs_trust());
         // Nothing is sealed to a key not accepted; the removed device's key still opens.
         assert_eq!(c.sealing_keys(), vec![(1, k1)]);
         assert_eq!(c.devices[&2].opening_keys(now), vec![k2]);

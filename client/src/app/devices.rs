@@ -127,9 +127,7 @@ impl App {
             .get_mut(&acct.user_id)
             .expect("own_contact made it");
         let mut changes = me.reconcile(&listed, Utc::now());
-        for id in me.reconcile_signing(&signing, Utc::now()) {
-            changes.changed.push((id, String::new(), String::new()));
-        }
+        changes.signing_changed = me.reconcile_signing(&signing, Utc::now());
         self.profile.save_contacts(contacts)?;
         if changes.needs_trust() {
             self.out.warn(&format!(

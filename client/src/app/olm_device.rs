@@ -34,7 +34,12 @@ impl App {
         let own = DeviceAddress::new(acct.user_id, acct.device_id);
         if let Some(file) = self.profile.olm()? {
             match OlmState::from_json(&file.state, &key.public_key()) {
-                Ok(state) if state.own() == own => return Ok(OlmDevice { file, state }),
+                Ok(mut state) if state.own() == own => {
+                    // Accounts retired more than `MESSAGE_TTL` ago open nothing still on the
+                    // server: gone before any use, and from the file at the next save.
+                    state.prune_retired_accounts(Utc::now());
+                    return Ok(OlmDevice { file, state });
+                }
                 // Made for another key (a rotate-key that stopped half way): start again.
                 Ok(_) | Err(OlmError::AccountKeyMismatch) => self.out.warn(
                     "this device's Olm state was made for another key: starting a new one (peers \
@@ -56,7 +61,9 @@ impl App {
     }
 
     /// Saves the state: after every message sealed or opened with it, before anything else.
+    /// Retired accounts past `MESSAGE_TTL` are dropped first.
     pub(super) fn save_olm(&self, device: &mut OlmDevice) -> Result<(), Error> {
+        device.state.prune_retired_accounts(Utc::now());
         device.file.state = device.state.to_json().to_string();
         self.profile.save_olm(&device.file)?;
         Ok(())

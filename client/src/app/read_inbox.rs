@@ -29,9 +29,9 @@ impl App {
         let mut note = None;
         let outcome = match (contacts.by_id.get_mut(&id), listed) {
             (Some(c), Some(Ok((listed, signing)))) => {
-                let changes = c.reconcile(&listed, now);
-                let signing_changed = c.reconcile_signing(&signing, now);
-                if changes.needs_trust() || !signing_changed.is_empty() {
+                let mut changes = c.reconcile(&listed, now);
+                changes.signing_changed = c.reconcile_signing(&signing, now);
+                if changes.needs_trust() {
                     note = Some(format!(
                         "{}. Compare with {} out of band, then run `messenger trust {}`; \
                          messages sealed with keys not accepted are held until then",

@@ -42,12 +42,14 @@ impl App {
         }
         // The Olm account follows the device key: a new identity and signing key, the sessions
         // kept (the server dropped the old signing key and prekeys with the re-key), published
-        // again below.
+        // again below. The old account is kept for `MESSAGE_TTL`: a peer that claimed one of its
+        // prekeys before now may still send a pre-key message made from it.
         if let Some(file) = self.profile.olm()? {
             let old_key = before.current.private_key().map_err(Error::Other)?;
             if let Ok(old) = crate::olm::OlmState::from_json(&file.state, &old_key.public_key()) {
+                // Retired accounts past `MESSAGE_TTL` are not carried over.
                 let (rotated, _) = old
-                    .rotate_signing_key(&new, None)
+                    .rotate_signing_key(&new, None, now)
                     .map_err(|e| olm_device::olm_error("re-keying the Olm account", e))?;
                 self.profile.save_olm(&store::OlmFile {
                     state: rotated.to_json().to_string(),

@@ -122,10 +122,8 @@ impl App {
                 };
                 let mut probe = contacts.by_id[&id].clone();
                 let mut changes = probe.reconcile(&listed, now);
-                if !probe.reconcile_signing(&signing, now).is_empty() {
-                    // A signing key change needs trust like a key change (shown below).
-                    changes.changed.push((0, String::new(), String::new()));
-                }
+                // A signing key change needs trust like a key change (shown below).
+                changes.signing_changed = probe.reconcile_signing(&signing, now);
                 if let Some(exp) = &expected {
                     // Typed: accept the directory's key only when it is the one typed; record
                     // nothing otherwise (what was shown before stays what `trust` accepts).
