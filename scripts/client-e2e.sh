@@ -259,6 +259,15 @@ if [ -n "${DATABASE_URL:-}" ]; then
     check "bob refuses the tampered one" jq -e '.dropped | map(select(.reason | test("does not open"))) | length == 1' "$work/inbox.json"
     inbox C
     check "carol refuses the one sealed for bob" jq -e '(.messages | length == 0) and (.dropped | map(select(.reason | test("does not open"))) | length == 1)' "$work/inbox.json"
+    # A first message, so a pre-key message from one of bob's one-time keys, in flight across his
+    # rotation: the Olm account his old key had still opens it (kept as long as messages live).
+    new_text 310; first_contact="$text"
+    check "carol's first message to bob (a new session, from his prekeys)" C send "$bob" "$first_contact"
+    check "bob rotates his key before reading it" B rotate-key
+    inbox B
+    check "bob reads it: a prekey claimed before a rotation still opens after it" \
+        test "$(jq -c '[.messages[].text]' "$work/inbox.json")" = "$(jq -cn --arg t "$first_contact" '[$t]')"
+    check "  nothing dropped" test "$(jq '(.held | length) + (.dropped | length)' "$work/inbox.json")" = 0
     check "delete carol" C delete-account --yes
 fi
 
