@@ -54,7 +54,7 @@ delete_leftover() {
 }
 while read -r name password; do
     delete_leftover "$name" "$password"
-done < <(grep -oE '"name":"[a-z]+","password":"[a-z-]+"' <<<"$walk" | sort -u | jq -Rr 'capture("\"name\":\"(?<n>[a-z]+)\",\"password\":\"(?<p>[^\"]+)\"") | "\(.n) \(.p)"')
+done < <(grep -oE '"name":"[A-Za-z]+","password":"[a-z-]+"' <<<"$walk" | sort -u | jq -Rr 'capture("\"name\":\"(?<n>[A-Za-z]+)\",\"password\":\"(?<p>[^\"]+)\"") | "\(.n) \(.p)"')
 for name in $(grep -oE 'register [a-z]+$' <<<"$(sed 's/ *#.*//' <<<"$client")" | cut -d' ' -f2); do
     delete_leftover "$name" "$MESSENGER_PASSWORD"
 done
