@@ -210,6 +210,7 @@ check "a copy shows whom it was sent to" grep -q "you (device 2) to $bob" <(new_
 check "nothing refused on any device" test "$(cat "$work"/dropped-A2 "$work"/dropped-B2 "$work"/held-A2 "$work"/held-B2 | wc -l)" = 0
 check "alice removes her laptop from her phone" A remove-device 2
 check "the laptop's token no longer works, nor a new login (3)" test "$(status A2 inbox)" = 3
+check "  and it says the device may have been removed" grep -q "device 2) was removed from the account" "$work/err"
 new_text 450
 check "bob's send after the removal reaches alice's phone alone (devices_changed, sealed again)" \
     test "$(B2 --json send "$alice" "$text" | jq '.messages | length')" = 1

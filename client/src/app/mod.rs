@@ -318,10 +318,17 @@ impl App {
 
     /// `POST /login` as `device_id` of the account `name`; the token is cached for later calls.
     fn login_as(&self, name: &str, password: &str, device_id: u32) -> Result<String, Error> {
-        let tok = self
-            .api
-            .login(name, password, device_id)
-            .map_err(|e| self.err(e, "logging in"))?;
+        let tok = self.api.login(name, password, device_id).map_err(|e| {
+            // The server answers a removed device as it answers a wrong password (neither
+            // tells a guesser which devices exist); this device knows it is not device 1.
+            let refused = e.code() == Some("invalid_credentials");
+            match self.err(e, "logging in") {
+                Error::Auth(m) if refused && device_id != 1 => Error::Auth(format!(
+                    "{m}, or this device (device {device_id}) was removed from the account"
+                )),
+                other => other,
+            }
+        })?;
         // Keep a margin so a token never expires between our check and the server's.
         let ttl = tok.expires_in.saturating_sub(30).min(i64::MAX as u64) as i64;
         self.profile.save_token(&CachedToken {
