@@ -2,6 +2,8 @@
 //! database), small (one instance serves one request at a time), and quick to give up so a dead
 //! database answers 503 in well under two seconds instead of hanging.
 
+use std::cell::Cell;
+use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -19,6 +21,28 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 
 /// RDS IAM tokens live 15 minutes; new connections get a fresh one well before that.
 const IAM_TOKEN_REFRESH: Duration = Duration::from_secs(10 * 60);
+
+tokio::task_local! {
+    /// The statements issued by the request this task serves, for `counting_statements`.
+    static STATEMENTS: Cell<u32>;
+}
+
+/// Runs `request` (a handler), counting the statements it issues through any `Database`:
+/// `common::runtime` checks the token's device itself only for a refusal given before any
+/// statement, since every statement of an authenticated request checks it.
+pub async fn counting_statements<F: Future>(request: F) -> (F::Output, u32) {
+    STATEMENTS
+        .scope(Cell::new(0), async move {
+            let output = request.await;
+            (output, STATEMENTS.with(Cell::get))
+        })
+        .await
+}
+
+/// One more statement for the request being served (none outside `counting_statements`).
+fn issued() {
+    let _ = STATEMENTS.try_with(|n| n.set(n.get().saturating_add(1)));
+}
 
 pub struct Database {
     pool: PgPool,
@@ -86,9 +110,11 @@ impl Database {
     }
 
     /// `sqlx::query`, as a statement of the configured kind (named and cached, or unnamed).
-    /// Every query of the functions goes through these three (clippy.toml forbids the rest).
+    /// Every query of the functions goes through these three (clippy.toml forbids the rest),
+    /// which count it for the request being served (`counting_statements`).
     #[allow(clippy::disallowed_methods)]
     pub fn query<'q>(&self, sql: &'static str) -> Query<'q, Postgres, PgArguments> {
+        issued();
         sqlx::query(sql).persistent(self.persistent)
     }
 
@@ -97,6 +123,7 @@ impl Database {
     where
         O: for<'r> FromRow<'r, PgRow>,
     {
+        issued();
         sqlx::query_as(sql).persistent(self.persistent)
     }
 
@@ -108,6 +135,7 @@ impl Database {
     where
         (O,): for<'r> FromRow<'r, PgRow>,
     {
+        issued();
         sqlx::query_scalar(sql).persistent(self.persistent)
     }
 

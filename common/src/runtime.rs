@@ -75,8 +75,9 @@ where
     let origin = request.headers().get(header::ORIGIN).cloned();
     let authorization = request.headers().get(header::AUTHORIZATION).cloned();
     state.db.refresh_credentials();
-    let result = match handler(state, request).await {
-        Err(error) if refused_before_the_caller_was_checked(&error) => {
+    let (result, statements) = crate::db::counting_statements(handler(state, request)).await;
+    let result = match result {
+        Err(error) if statements == 0 && refused_before_the_caller_was_checked(&error) => {
             Err(caller_gone_or(state, authorization.as_ref(), error).await)
         }
         other => other,
@@ -106,10 +107,10 @@ where
 pub const DEVICE_EXISTS_SQL: &str =
     "SELECT EXISTS (SELECT 1 FROM devices WHERE user_id = $1 AND device_id = $2)";
 
-/// A refusal other than 401 and the router's own answers: one the handler may have given
-/// before any of its statements checked the token's device (a malformed body, say). Not a 429:
-/// only a counting statement refuses with one, and each checks the token's device before it
-/// counts, so a stream of refused requests costs one round trip each, not two.
+/// A refusal other than 401 and the router's own answers, given before any statement ran (a
+/// malformed body, say): nothing has checked the token's device yet. (After a statement,
+/// something has: every statement of an authenticated request checks it, so a 404 or a 409 found
+/// by one, or a 429, costs no second round trip.)
 fn refused_before_the_caller_was_checked(error: &ApiError) -> bool {
     error.status().is_client_error()
         && !matches!(
@@ -117,16 +118,14 @@ fn refused_before_the_caller_was_checked(error: &ApiError) -> bool {
             ApiError::Unauthorized
                 | ApiError::InvalidCredentials
                 | ApiError::MethodNotAllowed { .. }
-                | ApiError::RateLimited { .. }
-                | ApiError::MailboxFull { .. }
         )
 }
 
 /// A token whose device or account no longer exists is 401 on every endpoint, whatever else is
-/// wrong with the request (API.md "Conventions"). Each handler's statements check the device on
-/// the way to a success, in the round trip they make anyway; a refusal found before them (or
-/// any other refusal) is checked here, on the error path only. Nothing was counted for such a
-/// caller: every counting statement checks the device first.
+/// wrong with the request (API.md "Conventions"). Each handler's statements check the device, in
+/// the round trip they make anyway; a refusal found before any of them is checked here, on the
+/// error path only. Nothing was counted for such a caller: every counting statement checks the
+/// device first.
 async fn caller_gone_or(
     state: &AppState,
     authorization: Option<&HeaderValue>,

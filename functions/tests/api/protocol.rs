@@ -535,6 +535,25 @@ async fn device_endpoints_take_the_round_trips_they_need(pool: PgPool) {
         204,
         2,
     );
+    // A refusal found by a statement: that statement checked the token's device already.
+    expect(
+        "remove, no such device",
+        counted(&app, &proxy, remove(9, PASSWORD, "192.0.2.3")).await,
+        404,
+        2,
+    );
+    expect(
+        "lookup, no such name",
+        counted(
+            &app,
+            &proxy,
+            app.request("GET", "/users?name=nobody")
+                .bearer(&alice.token),
+        )
+        .await,
+        404,
+        1,
+    );
 
     // A first signing key: the device's keys, then the set. A reset by password: the count and
     // the hash between them, the success written with the new key.

@@ -166,3 +166,118 @@ async fn a_removed_devices_token_is_401_where_its_account_is_over_a_limit(pool: 
         r.assert_error(401, "unauthorized");
     }
 }
+
+/// Well-formed requests to every authenticated route, each one a live token gets a refusal or a
+/// success for: a removed device's token gets 401 `unauthorized` on every one. Every statement
+/// of an authenticated request checks the token's device, so a refusal found by a statement is
+/// never a gone device's (the runtime checks the device only when no statement ran).
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn well_formed_requests_of_a_removed_device_are_401(pool: PgPool) {
+    use base64::Engine as _;
+    let app = TestApp::new(pool.clone());
+    let (alice, alice_token) = app.user("alice").await;
+    let (device, device_token) = add_device(&app, &alice, 11).await;
+    let r = app
+        .request("DELETE", &format!("/devices/{device}"))
+        .bearer(&alice_token)
+        .json(json!({"password": PASSWORD}))
+        .send()
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text);
+
+    let nobody = "01a24110-0000-7000-8000-000000000000";
+    let key = functions::signatures::ed25519_pem(
+        ed25519_dalek::SigningKey::from_bytes(&[1; 32])
+            .verifying_key()
+            .as_bytes(),
+    );
+    let signature = base64::engine::general_purpose::STANDARD.encode([7u8; 64]);
+    let prekey = json!({"key_id": 1, "public_key": base64::engine::general_purpose::STANDARD.encode([9u8; 32]), "signature": signature});
+    let requests: Vec<(&str, String, Option<serde_json::Value>)> = vec![
+        ("GET", "/me".into(), None),
+        (
+            "DELETE",
+            "/me".into(),
+            Some(json!({"password": "wrong-password"})),
+        ),
+        ("GET", format!("/public-key/{nobody}"), None),
+        (
+            "PUT",
+            "/update-key".into(),
+            Some(json!({"public_key": crate::support::key("ed25519.pem")})),
+        ),
+        ("GET", "/users?name=nobody".into(), None),
+        (
+            "POST",
+            "/messages".into(),
+            Some(json!({"recipient_id": nobody, "encrypted_data": "eA=="})),
+        ),
+        ("GET", "/messages".into(), None),
+        ("PUT", format!("/messages/{nobody}/delivered"), None),
+        (
+            "POST",
+            "/messages/delivered".into(),
+            Some(json!({"ids": [nobody]})),
+        ),
+        (
+            "POST",
+            "/messages/devices".into(),
+            Some(
+                json!({"recipient_id": nobody, "envelopes": [{"device_id": 1, "key_fingerprint": "00".repeat(32), "encrypted_data": "eA=="}]}),
+            ),
+        ),
+        ("POST", "/devices/link-codes".into(), None),
+        ("GET", "/me/devices".into(), None),
+        ("GET", format!("/users/{nobody}/devices"), None),
+        (
+            "DELETE",
+            "/devices/9".into(),
+            Some(json!({"password": "wrong-password"})),
+        ),
+        (
+            "PUT",
+            "/keys/signing-key".into(),
+            Some(json!({"signing_key": key, "binding_sig": signature})),
+        ),
+        (
+            "POST",
+            "/keys/prekeys".into(),
+            Some(json!({"prekeys": [prekey]})),
+        ),
+        ("GET", "/keys/prekeys/count".into(), None),
+        ("GET", format!("/keys/{nobody}"), None),
+        (
+            "POST",
+            "/keys/claim".into(),
+            Some(json!({"user_id": nobody})),
+        ),
+    ];
+    let authenticated = functions::routes::ROUTES
+        .iter()
+        .filter(|(_, _, f)| !OPEN.contains(f))
+        .count();
+    assert_eq!(
+        requests.len(),
+        authenticated,
+        "a request for every authenticated route"
+    );
+    for (method, path, body) in requests {
+        let send = |token: &str| {
+            let mut request = app.request(method, &path).bearer(token);
+            if let Some(body) = &body {
+                request = request.json(body.clone());
+            }
+            request.send()
+        };
+        let live = send(&alice_token).await;
+        assert_ne!(
+            live.error_code(),
+            "unauthorized",
+            "{method} {path}, live: {}",
+            live.text
+        );
+        let gone = send(&device_token).await;
+        assert_eq!(gone.status, 401, "{method} {path}: {}", gone.text);
+        gone.assert_error(401, "unauthorized");
+    }
+}
