@@ -8,7 +8,7 @@ VENV := .venv/bin
 # name, and cargo-lambda finds zig on PATH.
 WITH_VENV := PATH="$(CURDIR)/.venv/bin:$$PATH"
 
-.PHONY: help dev test test-unit test-client test-client-e2e test-browser test-e2e fuzz-api lint check-infra migrate test-purge-backlog build build-x86 deploy tools venv fmt clean-local
+.PHONY: help dev test test-unit test-client test-client-e2e test-browser test-readme test-e2e fuzz-api lint check-infra migrate test-purge-backlog build build-x86 deploy tools venv fmt clean-local
 .PHONY: routes routes-check api-docs
 .PHONY: deploy-infra setup-roles rotate-jwt-secret rotate-metrics-token smoke
 
@@ -19,6 +19,7 @@ help:
 	@echo "make test-client         the messenger client: unit, RFC 9180 vector, cross-language (pyhpke)"
 	@echo "make test-client-e2e     the client end to end against the API of make dev (PORT=$(PORT))"
 	@echo "make test-browser        CORS in headless Chromium (installed when missing) against the API of make dev"
+	@echo "make test-readme         the README's walk and client section, as written, against the API of make dev"
 	@echo "make fuzz-api            schemathesis against the local API and openapi.yaml (FUZZ_EXAMPLES=100)"
 	@echo "make routes              write the watch router (and a new function's binary and template resource) from functions/src/routes.rs"
 	@echo "make api-docs            write docs/API.md (the API reference) from openapi.yaml"
@@ -91,6 +92,12 @@ test-client-e2e:
 # http://localhost:3000. make test runs it inside test-e2e.
 test-browser:
 	@bash scripts/browser-cors.sh http://127.0.0.1:$(PORT)
+
+# The README's walk and its client section run as written (scripts/readme-run.sh; make test
+# runs it inside test-e2e). make dev keeps the deployed limits: 4 registrations a run.
+test-readme:
+	cargo build -p client --quiet
+	@bash scripts/readme-run.sh http://127.0.0.1:$(PORT)
 
 test-e2e: tools
 	@bash scripts/e2e.sh
