@@ -3,8 +3,9 @@
 # they cannot drift from the code: "A walk through the API" (curl) and "Try it with the client"
 # (the messenger CLI). scripts/e2e.sh runs it; by hand: bash scripts/readme-run.sh http://127.0.0.1:9000
 #
-# The curl walk runs as one script, with API= pointed at $1. Each trailing comment that is an
-# answer (a status such as `# 204`, `# true`, or a JSON body) must appear in its output, in order.
+# The curl walk runs as one script, with API= pointed at $1. Each trailing comment that is a
+# literal answer (a status such as `# 204`, `# true`, or a JSON body) must appear in its output,
+# in order; comments in words are not checked.
 # The client section runs line by line, as a reader would type it in its terminals: a comment
 # naming an exit status (`exit 5`) is the status that line must end with, every other line must
 # succeed; `inbox --follow` runs in the background until the comment that says Ctrl-C, and must
@@ -46,7 +47,7 @@ unset MESSENGER_HOME
 delete_leftover() {
     local token
     token=$(curl -s "$api/login" -H 'content-type: application/json' \
-        -d "{\"name\":\"$1\",\"password\":\"$2\"}" | jq -r '.access_token // empty')
+        -d "{\"name\":\"$1\",\"password\":\"$2\"}" | jq -r '.access_token // empty' 2>/dev/null || true)
     [ -z "$token" ] && return 0
     echo "readme-run: deleting $1, left by an earlier run"
     curl -s -o /dev/null -X DELETE "$api/me" -H "authorization: Bearer $token" \
@@ -68,16 +69,26 @@ if ! bash -euo pipefail "$work/walk.sh" 2>&1 | cat > "$work/walk.out"; then
 fi
 # The answers its comments promise, in order: `# 204`-like statuses end a line of their own.
 rest="$(cat "$work/walk.out")"$'\n'   # (what $(...) took off the end)
+# A status (curl -w '%{http_code}\n') or a jq boolean ends its line and follows no digit or
+# letter (the body before it has no newline); a JSON body is matched as written.
+found() { # NEEDLE: consumes $rest up to the first acceptable match
+    local needle=$1 bounded=$2 before after
+    after="$rest"
+    while [[ "$after" == *"$needle"* ]]; do
+        before="${after%%"$needle"*}"
+        after="${after#*"$needle"}"
+        if [ "$bounded" = 0 ] || [[ ! "${before: -1}" =~ [[:alnum:]] ]]; then
+            rest="$after"
+            return 0
+        fi
+    done
+    return 1
+}
 while IFS= read -r promised; do
     case "$promised" in
-        [0-9][0-9][0-9]) needle="$promised"$'\n' ;;
-        *) needle="$promised" ;;
-    esac
-    if [[ "$rest" == *"$needle"* ]]; then
-        rest="${rest#*"$needle"}"
-    else
-        fail "the walk promises ${promised} (a comment) where its output has none"
-    fi
+        [0-9][0-9][0-9] | true | false) found "$promised"$'\n' 1 ;;
+        *) found "$promised" 0 ;;
+    esac || fail "the walk promises ${promised} (a comment) where its output has none"
 done < <(grep -oE '# ([0-9]{3}|true|false|\{.*\})$' <<<"$walk" | cut -c3-)
 walked=$(grep -cE '# ([0-9]{3}|true|false|\{.*\})$' <<<"$walk")
 echo "readme-run: the walk ran, $walked promised answers checked"
@@ -117,7 +128,8 @@ while IFS= read -r line; do
     expected="${expected:-0}"
     ran=$((ran + 1))
     if [[ "$command" == *"inbox --follow"* ]]; then
-        eval "$command" > "$work/follow.out" 2>&1 &
+        # exec: $! is the messenger process itself, which the kill below must reach.
+        eval "exec $command" > "$work/follow.out" 2>&1 &
         follow_pid=$!
         sleep 1
         continue

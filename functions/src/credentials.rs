@@ -54,14 +54,27 @@ FROM caller c CROSS JOIN LATERAL count_login_attempt(c.name_key, $3, $4, $5) AS 
 /// The success's give-back as a CTE named `forgiven`, for the statement after bcrypt: the
 /// name-and-address counter (`$3`) back to zero, the others one less, among the (`$1` bucket,
 /// `$2` key) pairs the attempt counted. `Verified::bind_forgiven` binds the three.
+///
+/// The rows are locked first in the order the attempt gave them, which is the order
+/// `count_login_attempt()` locks them in: an UPDATE alone locks in whatever order its plan
+/// visits them (a hash join over the table: heap order), and a success and an attempt on the
+/// same name and address could then wait for each other. PostgreSQL runs an unreferenced
+/// data-modifying CTE after the main query, so these locks come after the request's own (a
+/// users row, then device rows), as in every statement that gives back.
 macro_rules! forgiven_cte {
     () => {
         r#"
-WITH forgiven AS (
+WITH locked AS MATERIALIZED (
+    SELECT r.bucket, r.key
+    FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(bucket, key, n)
+    JOIN rate_limits r ON r.bucket = k.bucket AND r.key = k.key
+    ORDER BY k.n
+    FOR NO KEY UPDATE OF r
+), forgiven AS (
     UPDATE rate_limits AS r
     SET attempts = CASE WHEN r.bucket = $3 THEN 0 ELSE greatest(r.attempts - 1, 0) END
-    FROM unnest($1::text[], $2::text[]) AS k(bucket, key)
-    WHERE r.bucket = k.bucket AND r.key = k.key
+    FROM locked l
+    WHERE r.bucket = l.bucket AND r.key = l.key
 )
 "#
     };

@@ -496,3 +496,243 @@ async fn hostile_bodies_get_clear_4xx(pool: PgPool) {
         .await;
     r.assert_error(400, "bad_request");
 }
+
+/// A signing-key reset by password racing the account's deletion, on separate instances, for
+/// many accounts at once: each ends as one of the two orders (the reset first, or the account
+/// gone), never a deadlock (a 500 after PostgreSQL's deadlock_timeout).
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn a_reset_racing_the_deletion_of_its_account_never_deadlocks(pool: PgPool) {
+    const ACCOUNTS: usize = 32;
+    let setup = TestApp::with_env(pool.clone(), &[("REGISTER_MAX_PER_ADDRESS", "1000")]);
+    let mut users = Vec::new();
+    for i in 0..ACCOUNTS {
+        let user = prekeys::x25519_user(&setup, &format!("racer{i}")).await;
+        let first = prekeys::signing_key_body(&user, &prekeys::secret(1));
+        let r = prekeys::signing_key_request(&setup, &user, first)
+            .send()
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        users.push(user);
+    }
+    let mut apps = Vec::new();
+    for _ in 0..8 {
+        apps.push(second_instance(&pool, &[]).await);
+    }
+    let races = users.iter().enumerate().map(|(i, user)| {
+        let resetter = &apps[(2 * i) % apps.len()];
+        let deleter = &apps[(2 * i + 1) % apps.len()];
+        async move {
+            let mut reset = prekeys::signing_key_body(user, &prekeys::secret(2));
+            reset["password"] = json!(PASSWORD);
+            let reset = prekeys::signing_key_request(resetter, user, reset).send();
+            let delete = deleter
+                .request("DELETE", "/me")
+                .bearer(&user.token)
+                .json(json!({"password": PASSWORD}))
+                .send();
+            futures::future::join(reset, delete).await
+        }
+    });
+    for (reset, delete) in futures::future::join_all(races).await {
+        assert!(
+            reset.status == 200 || reset.error_code() == "unauthorized",
+            "reset: {} {}",
+            reset.status,
+            reset.text
+        );
+        assert_eq!(delete.status, 204, "delete: {}", delete.text);
+    }
+}
+
+/// The deadlock a reset by password could meet, step by step: a transaction holds the account's
+/// row and its login counters, as `DELETE /me`'s statement does just before its cascade reaches
+/// the devices; the reset's last statement (`SET_SQL`: `set_signing_key()`, then the counters'
+/// give-back) starts. It must wait at the account's row, holding no device row, so the cascade
+/// goes through (within a lock timeout shorter than PostgreSQL's deadlock_timeout: with the
+/// device row taken first, the two would wait for each other).
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn a_reset_waits_for_a_deletion_at_the_account_row(pool: PgPool) {
+    let app = TestApp::new(pool.clone());
+    let user = prekeys::x25519_user(&app, "holder").await;
+    let (first, second) = (prekeys::secret(1), prekeys::secret(2));
+    let r = prekeys::signing_key_request(&app, &user, prekeys::signing_key_body(&user, &first))
+        .send()
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let pem = |key: &ed25519_dalek::SigningKey| {
+        functions::signatures::ed25519_pem(key.verifying_key().as_bytes())
+    };
+
+    let mut deleting = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE")
+        .bind(user.user_id)
+        .execute(&mut *deleting)
+        .await
+        .unwrap();
+    let held: Vec<(String, String)> = sqlx::query_as(
+        "SELECT bucket, key FROM rate_limits WHERE bucket LIKE 'login%' ORDER BY bucket FOR UPDATE",
+    )
+    .fetch_all(&mut *deleting)
+    .await
+    .unwrap();
+    assert!(!held.is_empty(), "the login left its counters");
+
+    let (buckets, keys): (Vec<String>, Vec<String>) = held.into_iter().unzip();
+    let resetting = {
+        let pool = pool.clone();
+        let public_key = functions::signatures::x25519_pem(&user.x25519);
+        let (seen, new) = (pem(&first), pem(&second));
+        let user_id = user.user_id;
+        tokio::spawn(async move {
+            sqlx::query_as::<_, (String, bool)>(functions::set_signing_key::SET_SQL)
+                .bind(buckets)
+                .bind(keys)
+                .bind("login_name_address")
+                .bind(user_id)
+                .bind(1i32)
+                .bind(public_key)
+                .bind(seen)
+                .bind(new)
+                .bind(vec![0u8; 64])
+                .bind(true)
+                .fetch_one(&pool)
+                .await
+        })
+    };
+    // Until the reset waits for a lock.
+    for _ in 0..200 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND query LIKE '%set_signing_key(%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if waiting == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    sqlx::query("SET LOCAL lock_timeout = '500ms'")
+        .execute(&mut *deleting)
+        .await
+        .unwrap();
+    let cascade = sqlx::query("DELETE FROM devices WHERE user_id = $1")
+        .bind(user.user_id)
+        .execute(&mut *deleting)
+        .await;
+    assert!(
+        cascade.is_ok(),
+        "the deletion's cascade waited for the reset's device row: {cascade:?}"
+    );
+    deleting.rollback().await.unwrap();
+    let (outcome, _) = resetting.await.unwrap().unwrap();
+    assert_eq!(
+        outcome, "set",
+        "after the deletion rolled back, the reset goes on"
+    );
+}
+
+/// A login's success gives its counters back in the order the attempt counted them (name and
+/// address, name, address), whatever order they lie in: here the address's row was written
+/// first. A transaction holds the name-and-address row, as an attempt on the same name and
+/// address does while it counts; the success must wait there holding none of the others, so
+/// the attempt then takes the address's row (within a lock timeout shorter than PostgreSQL's
+/// deadlock_timeout: with the rows taken in table order, the two would wait for each other).
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn a_success_gives_back_in_the_order_attempts_count(pool: PgPool) {
+    let app = TestApp::new(pool.clone());
+    let (user, _) = app.user("holder").await;
+    let address = "198.51.100.30";
+    let rows = [
+        ("login_address", address.to_string()),
+        ("login_name", "holder".to_string()),
+        ("login_name_address", format!("holder@{address}")),
+    ];
+    sqlx::query("DELETE FROM rate_limits")
+        .execute(&pool)
+        .await
+        .unwrap();
+    for (bucket, key) in &rows {
+        sqlx::query("INSERT INTO rate_limits (bucket, key, window_start, attempts) VALUES ($1, $2, now(), 2)")
+            .bind(bucket)
+            .bind(key)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+
+    let mut attempt = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM rate_limits WHERE bucket = 'login_name_address' FOR UPDATE")
+        .execute(&mut *attempt)
+        .await
+        .unwrap();
+    let success = {
+        let pool = pool.clone();
+        let user: uuid::Uuid = user.parse().unwrap();
+        let (buckets, keys): (Vec<String>, Vec<String>) = rows
+            .iter()
+            .rev()
+            .map(|(b, k)| (b.to_string(), k.clone()))
+            .unzip();
+        tokio::spawn(async move {
+            // The plan that visits the rows in table order (a hash join over a sequential
+            // scan, which the planner picks for this table once its estimates say small).
+            let mut conn = pool.acquire().await.unwrap();
+            for setting in [
+                "SET enable_nestloop = off",
+                "SET enable_indexscan = off",
+                "SET enable_bitmapscan = off",
+            ] {
+                sqlx::query(setting).execute(&mut *conn).await.unwrap();
+            }
+            sqlx::query(functions::credentials::FORGIVE_SQL)
+                .bind(buckets)
+                .bind(keys)
+                .bind("login_name_address")
+                .bind(user)
+                .bind(None::<String>)
+                .execute(&mut *conn)
+                .await
+        })
+    };
+    for _ in 0..200 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND query LIKE '%UPDATE rate_limits%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if waiting == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    sqlx::query("SET LOCAL lock_timeout = '500ms'")
+        .execute(&mut *attempt)
+        .await
+        .unwrap();
+    let next = sqlx::query("SELECT 1 FROM rate_limits WHERE bucket = 'login_address' FOR UPDATE")
+        .execute(&mut *attempt)
+        .await;
+    assert!(
+        next.is_ok(),
+        "the success held the address's row while it waited: {next:?}"
+    );
+    attempt.rollback().await.unwrap();
+    success.await.unwrap().unwrap();
+    let counted: Vec<(String, i32)> =
+        sqlx::query_as("SELECT bucket, attempts FROM rate_limits ORDER BY bucket")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        counted,
+        [
+            ("login_address".to_string(), 1),
+            ("login_name".to_string(), 1),
+            ("login_name_address".to_string(), 0),
+        ]
+    );
+}
