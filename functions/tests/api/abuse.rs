@@ -736,3 +736,60 @@ async fn a_success_gives_back_in_the_order_attempts_count(pool: PgPool) {
         ]
     );
 }
+
+/// `PUT /update-key` of device 1 (whose key is the account's too) against the account's
+/// deletion, step by step as for a signing-key reset: while a transaction holds the account's
+/// row, as `DELETE /me` does before its cascade, the re-key waits there holding no device row,
+/// so the cascade goes through.
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn a_rekey_waits_for_a_deletion_at_the_account_row(pool: PgPool) {
+    let app = TestApp::new(pool.clone());
+    let (user, _) = app.user("holder").await;
+    let user: uuid::Uuid = user.parse().unwrap();
+    let mut deleting = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE")
+        .bind(user)
+        .execute(&mut *deleting)
+        .await
+        .unwrap();
+    let rekeying = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            sqlx::query(functions::update_key::UPDATE_SQL)
+                .bind(user)
+                .bind(1i32)
+                .bind(key("p256.pem"))
+                .bind(None::<Vec<u8>>)
+                .bind(None::<String>)
+                .execute(&pool)
+                .await
+        })
+    };
+    for _ in 0..200 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND query LIKE '%rekey_device(%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if waiting == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    sqlx::query("SET LOCAL lock_timeout = '500ms'")
+        .execute(&mut *deleting)
+        .await
+        .unwrap();
+    let cascade = sqlx::query("DELETE FROM devices WHERE user_id = $1")
+        .bind(user)
+        .execute(&mut *deleting)
+        .await;
+    assert!(
+        cascade.is_ok(),
+        "the deletion's cascade waited for the re-key's device row: {cascade:?}"
+    );
+    deleting.rollback().await.unwrap();
+    rekeying.await.unwrap().unwrap();
+}
