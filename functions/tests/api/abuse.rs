@@ -9,7 +9,7 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
 use crate::prekeys;
-use crate::support::{JWT_SECRET, PASSWORD, RequestBuilder, TestApp, key};
+use crate::support::{JWT_SECRET, PASSWORD, RequestBuilder, TestApp, key, until_waiting_on_locks};
 
 /// A second "Lambda instance": its own pool (own connections) and state over the same database.
 async fn second_instance(pool: &PgPool, vars: &[(&str, &str)]) -> TestApp {
@@ -544,6 +544,47 @@ async fn a_reset_racing_the_deletion_of_its_account_never_deadlocks(pool: PgPool
     }
 }
 
+/// `DELETE /me` caught between its two halves: its transaction holds the account's row (as the
+/// statement's `DELETE FROM users` does) while another request starts, and the cascade to the
+/// account's devices comes after.
+struct DeletionMidway {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    user: uuid::Uuid,
+}
+
+impl DeletionMidway {
+    async fn hold_account(pool: &PgPool, user: uuid::Uuid) -> Self {
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE")
+            .bind(user)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        Self { tx, user }
+    }
+
+    /// Once `pool` shows the other request waiting on a lock: the cascade to the devices, within
+    /// a lock timeout shorter than PostgreSQL's deadlock_timeout (a device row the other request
+    /// took first times it out), then rolled back.
+    async fn cascade(mut self, pool: &PgPool) -> Result<(), sqlx::Error> {
+        assert!(
+            until_waiting_on_locks(pool, 1, std::time::Duration::from_secs(5)).await,
+            "the other request never waited on a lock"
+        );
+        sqlx::query("SET LOCAL lock_timeout = '500ms'")
+            .execute(&mut *self.tx)
+            .await
+            .unwrap();
+        let cascade = sqlx::query("DELETE FROM devices WHERE user_id = $1")
+            .bind(self.user)
+            .execute(&mut *self.tx)
+            .await
+            .map(drop);
+        self.tx.rollback().await.unwrap();
+        cascade
+    }
+}
+
 /// The deadlock a reset by password could meet, step by step: a transaction holds the account's
 /// row and its login counters, as `DELETE /me`'s statement does just before its cascade reaches
 /// the devices; the reset's last statement (`SET_SQL`: `set_signing_key()`, then the counters'
@@ -563,16 +604,11 @@ async fn a_reset_waits_for_a_deletion_at_the_account_row(pool: PgPool) {
         functions::signatures::ed25519_pem(key.verifying_key().as_bytes())
     };
 
-    let mut deleting = pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE")
-        .bind(user.user_id)
-        .execute(&mut *deleting)
-        .await
-        .unwrap();
+    let mut deleting = DeletionMidway::hold_account(&pool, user.user_id).await;
     let held: Vec<(String, String)> = sqlx::query_as(
         "SELECT bucket, key FROM rate_limits WHERE bucket LIKE 'login%' ORDER BY bucket FOR UPDATE",
     )
-    .fetch_all(&mut *deleting)
+    .fetch_all(&mut *deleting.tx)
     .await
     .unwrap();
     assert!(!held.is_empty(), "the login left its counters");
@@ -599,33 +635,11 @@ async fn a_reset_waits_for_a_deletion_at_the_account_row(pool: PgPool) {
                 .await
         })
     };
-    // Until the reset waits for a lock.
-    for _ in 0..200 {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE wait_event_type = 'Lock' AND query LIKE '%set_signing_key(%'",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        if waiting == 1 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    sqlx::query("SET LOCAL lock_timeout = '500ms'")
-        .execute(&mut *deleting)
-        .await
-        .unwrap();
-    let cascade = sqlx::query("DELETE FROM devices WHERE user_id = $1")
-        .bind(user.user_id)
-        .execute(&mut *deleting)
-        .await;
+    let cascade = deleting.cascade(&pool).await;
     assert!(
         cascade.is_ok(),
         "the deletion's cascade waited for the reset's device row: {cascade:?}"
     );
-    deleting.rollback().await.unwrap();
     let (outcome, _) = resetting.await.unwrap().unwrap();
     assert_eq!(
         outcome, "set",
@@ -696,19 +710,10 @@ async fn a_success_gives_back_in_the_order_attempts_count(pool: PgPool) {
                 .await
         })
     };
-    for _ in 0..200 {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE wait_event_type = 'Lock' AND query LIKE '%UPDATE rate_limits%'",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        if waiting == 1 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    assert!(
+        until_waiting_on_locks(&pool, 1, std::time::Duration::from_secs(5)).await,
+        "the success never waited on the name-and-address row"
+    );
     sqlx::query("SET LOCAL lock_timeout = '500ms'")
         .execute(&mut *attempt)
         .await
@@ -746,12 +751,7 @@ async fn a_rekey_waits_for_a_deletion_at_the_account_row(pool: PgPool) {
     let app = TestApp::new(pool.clone());
     let (user, _) = app.user("holder").await;
     let user: uuid::Uuid = user.parse().unwrap();
-    let mut deleting = pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR UPDATE")
-        .bind(user)
-        .execute(&mut *deleting)
-        .await
-        .unwrap();
+    let deleting = DeletionMidway::hold_account(&pool, user).await;
     let rekeying = {
         let pool = pool.clone();
         tokio::spawn(async move {
@@ -765,31 +765,10 @@ async fn a_rekey_waits_for_a_deletion_at_the_account_row(pool: PgPool) {
                 .await
         })
     };
-    for _ in 0..200 {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE wait_event_type = 'Lock' AND query LIKE '%rekey_device(%'",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        if waiting == 1 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    sqlx::query("SET LOCAL lock_timeout = '500ms'")
-        .execute(&mut *deleting)
-        .await
-        .unwrap();
-    let cascade = sqlx::query("DELETE FROM devices WHERE user_id = $1")
-        .bind(user)
-        .execute(&mut *deleting)
-        .await;
+    let cascade = deleting.cascade(&pool).await;
     assert!(
         cascade.is_ok(),
         "the deletion's cascade waited for the re-key's device row: {cascade:?}"
     );
-    deleting.rollback().await.unwrap();
     rekeying.await.unwrap().unwrap();
 }

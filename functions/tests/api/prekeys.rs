@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::support::{PASSWORD, RequestBuilder, TestApp, TestResponse};
+use crate::support::{PASSWORD, RequestBuilder, TestApp, TestResponse, until_waiting_on_locks};
 
 /// A device of a test account: its ids, a token for it, its X25519 key's raw bytes.
 #[derive(Clone)]
@@ -243,20 +243,7 @@ impl Gate {
     }
 
     async fn open_when_waiting(self, pool: &PgPool, racers: usize) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            )
-            .fetch_one(pool)
-            .await
-            .unwrap();
-            if waiting as usize >= racers || std::time::Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        until_waiting_on_locks(pool, racers, std::time::Duration::from_secs(30)).await;
         self.0.commit().await.unwrap();
     }
 }

@@ -203,3 +203,29 @@ impl RequestBuilder<'_> {
         }
     }
 }
+
+/// Waits until `sessions` sessions of the test's database wait on a lock, for up to `within`;
+/// false when they never did.
+pub async fn until_waiting_on_locks(
+    pool: &PgPool,
+    sessions: usize,
+    within: std::time::Duration,
+) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting as usize >= sessions {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
