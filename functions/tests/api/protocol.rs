@@ -302,6 +302,65 @@ async fn counted(
     (response, proxy.counts() - before)
 }
 
+/// An app on one connection through a counting proxy (opened first, so its start-up is counted
+/// against no request), and each request's round trips, statements and Syncs against the
+/// floor it should take.
+struct AtTheFloor {
+    proxy: Proxy,
+    app: TestApp,
+    seen: std::cell::RefCell<Vec<(&'static str, Counts, u64)>>,
+}
+
+impl AtTheFloor {
+    async fn new(pool: &PgPool, vars: &[(&str, &str)]) -> Self {
+        let proxy = Proxy::for_pool(pool);
+        let through = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with(proxy.options(pool));
+        let app = TestApp::with_env(through, vars);
+        let ready = app.request("GET", "/health/ready").send().await;
+        assert_eq!(ready.status, 200, "{}", ready.text);
+        Self {
+            proxy,
+            app,
+            seen: Default::default(),
+        }
+    }
+
+    /// `request`, which must answer `status`, in `floor` round trips (checked by `assert_all`).
+    async fn expect(
+        &self,
+        what: &'static str,
+        request: RequestBuilder<'_>,
+        status: u16,
+        floor: u64,
+    ) {
+        let (r, d) = counted(&self.app, &self.proxy, request).await;
+        assert_eq!(r.status, status, "{what}: {}", r.text);
+        self.seen.borrow_mut().push((what, d, floor));
+    }
+
+    /// Prints every request's figures, then holds each to one round trip, statement and Sync
+    /// per statement it needs.
+    async fn assert_all(self) {
+        let seen = self.seen.take();
+        for (what, d, _) in &seen {
+            println!(
+                "{what:28} {} round trips, {} statements, {} syncs",
+                d.round_trips, d.statements, d.syncs
+            );
+        }
+        for (what, d, floor) in seen {
+            assert_eq!(
+                (d.round_trips, d.statements, d.syncs),
+                (floor, floor, floor),
+                "{what}"
+            );
+        }
+        self.app.state.pool().close().await;
+    }
+}
+
 /// The account endpoints at their floor: a request takes one round trip per statement, and
 /// only the statements it needs. bcrypt runs between the statement that counts the attempt
 /// (and finds the hash) and the one that writes the outcome, so a success takes two; every
@@ -309,17 +368,15 @@ async fn counted(
 /// before bcrypt too (a refused one costs no hashing), then inserts: two on success.
 #[sqlx::test(migrator = "common::db::MIGRATOR")]
 async fn account_endpoints_take_the_round_trips_they_need(pool: PgPool) {
-    let proxy = Proxy::for_pool(&pool);
-    let through = PgPoolOptions::new()
-        .max_connections(1)
-        .connect_lazy_with(proxy.options(&pool));
-    let app = TestApp::with_env(
-        through,
+    let floor = AtTheFloor::new(
+        &pool,
         &[
             ("LOGIN_MAX_FAILURES", "2"),
             ("REGISTER_MAX_PER_ADDRESS", "2"),
         ],
-    );
+    )
+    .await;
+    let app = &floor.app;
     let register = |name: &str, ip: &str| {
         app.request("POST", "/register")
             .with_source_ip(ip)
@@ -336,56 +393,49 @@ async fn account_endpoints_take_the_round_trips_they_need(pool: PgPool) {
             .with_source_ip(ip)
             .json(json!({"password": password}))
     };
-    // The connection opened first, so its startup is not counted against a request.
-    let ready = app.request("GET", "/health/ready").send().await;
-    assert_eq!(ready.status, 200, "{}", ready.text);
-    let mut seen = Vec::new();
-    let mut expect =
-        |what: &'static str, (r, d): (TestResponse, Counts), status: u16, trips: u64| {
-            assert_eq!(r.status, status, "{what}: {}", r.text);
-            seen.push((what, d.round_trips, d.statements, d.syncs, trips));
-        };
 
-    expect(
-        "register",
-        counted(&app, &proxy, register("alice", "192.0.2.1")).await,
-        201,
-        2,
-    );
-    expect(
-        "register, name taken",
-        counted(&app, &proxy, register("ALICE", "192.0.2.2")).await,
-        409,
-        1,
-    );
+    floor
+        .expect("register", register("alice", "192.0.2.1"), 201, 2)
+        .await;
+    floor
+        .expect(
+            "register, name taken",
+            register("ALICE", "192.0.2.2"),
+            409,
+            1,
+        )
+        .await;
     for name in ["filler1", "filler2"] {
         assert_eq!(register(name, "192.0.2.3").send().await.status, 201);
     }
-    expect(
-        "register, over the limit",
-        counted(&app, &proxy, register("filler3", "192.0.2.3")).await,
-        429,
-        1,
-    );
+    floor
+        .expect(
+            "register, over the limit",
+            register("filler3", "192.0.2.3"),
+            429,
+            1,
+        )
+        .await;
 
-    expect(
-        "login",
-        counted(&app, &proxy, login("alice", PASSWORD, "192.0.2.4")).await,
-        200,
-        2,
-    );
-    expect(
-        "login, wrong password",
-        counted(&app, &proxy, login("alice", "wrong-password", "192.0.2.5")).await,
-        401,
-        1,
-    );
-    expect(
-        "login, unknown name",
-        counted(&app, &proxy, login("nobody", PASSWORD, "192.0.2.5")).await,
-        401,
-        1,
-    );
+    floor
+        .expect("login", login("alice", PASSWORD, "192.0.2.4"), 200, 2)
+        .await;
+    floor
+        .expect(
+            "login, wrong password",
+            login("alice", "wrong-password", "192.0.2.5"),
+            401,
+            1,
+        )
+        .await;
+    floor
+        .expect(
+            "login, unknown name",
+            login("nobody", PASSWORD, "192.0.2.5"),
+            401,
+            1,
+        )
+        .await;
     assert_eq!(
         login("alice", "wrong-password", "192.0.2.5")
             .send()
@@ -393,47 +443,46 @@ async fn account_endpoints_take_the_round_trips_they_need(pool: PgPool) {
             .status,
         401
     );
-    expect(
-        "login, over the limit",
-        counted(&app, &proxy, login("alice", PASSWORD, "192.0.2.5")).await,
-        429,
-        1,
-    );
+    floor
+        .expect(
+            "login, over the limit",
+            login("alice", PASSWORD, "192.0.2.5"),
+            429,
+            1,
+        )
+        .await;
 
     let token = app.login("alice").await;
-    expect(
-        "delete, wrong password",
-        counted(&app, &proxy, delete(&token, "wrong-password", "192.0.2.6")).await,
-        401,
-        1,
-    );
+    floor
+        .expect(
+            "delete, wrong password",
+            delete(&token, "wrong-password", "192.0.2.6"),
+            401,
+            1,
+        )
+        .await;
     // A 429 is decided by the statement that checked the token's device: no check after it.
-    expect(
-        "delete, over the limit",
-        counted(&app, &proxy, delete(&token, PASSWORD, "192.0.2.5")).await,
-        429,
-        1,
-    );
-    expect(
-        "delete",
-        counted(&app, &proxy, delete(&token, PASSWORD, "192.0.2.6")).await,
-        204,
-        2,
-    );
-    expect(
-        "delete, account gone",
-        counted(&app, &proxy, delete(&token, PASSWORD, "192.0.2.6")).await,
-        401,
-        1,
-    );
+    floor
+        .expect(
+            "delete, over the limit",
+            delete(&token, PASSWORD, "192.0.2.5"),
+            429,
+            1,
+        )
+        .await;
+    floor
+        .expect("delete", delete(&token, PASSWORD, "192.0.2.6"), 204, 2)
+        .await;
+    floor
+        .expect(
+            "delete, account gone",
+            delete(&token, PASSWORD, "192.0.2.6"),
+            401,
+            1,
+        )
+        .await;
 
-    for (what, trips, statements, syncs, _) in &seen {
-        println!("{what:28} {trips} round trips, {statements} statements, {syncs} syncs");
-    }
-    for (what, trips, statements, syncs, floor) in seen {
-        assert_eq!((trips, statements, syncs), (floor, floor, floor), "{what}");
-    }
-    app.state.pool().close().await;
+    floor.assert_all().await;
 }
 
 /// The device endpoints that take a password at the same floor: a link, a removal and a
@@ -441,14 +490,9 @@ async fn account_endpoints_take_the_round_trips_they_need(pool: PgPool) {
 /// password or a limit takes the one statement that counted it.
 #[sqlx::test(migrator = "common::db::MIGRATOR")]
 async fn device_endpoints_take_the_round_trips_they_need(pool: PgPool) {
-    let proxy = Proxy::for_pool(&pool);
-    let through = PgPoolOptions::new()
-        .max_connections(1)
-        .connect_lazy_with(proxy.options(&pool));
-    let app = TestApp::with_env(through, &[("LOGIN_MAX_FAILURES", "2")]);
-    let ready = app.request("GET", "/health/ready").send().await;
-    assert_eq!(ready.status, 200, "{}", ready.text);
-    let alice = prekeys::x25519_user(&app, "alice").await;
+    let floor = AtTheFloor::new(&pool, &[("LOGIN_MAX_FAILURES", "2")]).await;
+    let app = &floor.app;
+    let alice = prekeys::x25519_user(app, "alice").await;
     let link_code = || async {
         let r = app
             .request("POST", "/devices/link-codes")
@@ -470,32 +514,27 @@ async fn device_endpoints_take_the_round_trips_they_need(pool: PgPool) {
             .with_source_ip(ip)
             .json(json!({"password": password}))
     };
-    let mut seen = Vec::new();
-    let mut expect =
-        |what: &'static str, (r, d): (TestResponse, Counts), status: u16, trips: u64| {
-            assert_eq!(r.status, status, "{what}: {}", r.text);
-            seen.push((what, d.round_trips, d.statements, d.syncs, trips));
-        };
 
     let code = link_code().await;
-    expect(
-        "link, wrong password",
-        counted(&app, &proxy, link(&code, "wrong-password", "192.0.2.1")).await,
-        401,
-        1,
-    );
-    expect(
-        "link, wrong code",
-        counted(&app, &proxy, link("AAAA-AAAA-AAAA", PASSWORD, "192.0.2.2")).await,
-        403,
-        2,
-    );
-    expect(
-        "link",
-        counted(&app, &proxy, link(&code, PASSWORD, "192.0.2.2")).await,
-        201,
-        2,
-    );
+    floor
+        .expect(
+            "link, wrong password",
+            link(&code, "wrong-password", "192.0.2.1"),
+            401,
+            1,
+        )
+        .await;
+    floor
+        .expect(
+            "link, wrong code",
+            link("AAAA-AAAA-AAAA", PASSWORD, "192.0.2.2"),
+            403,
+            2,
+        )
+        .await;
+    floor
+        .expect("link", link(&code, PASSWORD, "192.0.2.2"), 201, 2)
+        .await;
     assert_eq!(
         link(&code, "wrong-password", "192.0.2.1")
             .send()
@@ -503,91 +542,90 @@ async fn device_endpoints_take_the_round_trips_they_need(pool: PgPool) {
             .status,
         401
     );
-    expect(
-        "link, over the limit",
-        counted(&app, &proxy, link(&code, PASSWORD, "192.0.2.1")).await,
-        429,
-        1,
-    );
+    floor
+        .expect(
+            "link, over the limit",
+            link(&code, PASSWORD, "192.0.2.1"),
+            429,
+            1,
+        )
+        .await;
 
-    expect(
-        "remove, wrong password",
-        counted(&app, &proxy, remove(2, "wrong-password", "192.0.2.3")).await,
-        401,
-        1,
-    );
+    floor
+        .expect(
+            "remove, wrong password",
+            remove(2, "wrong-password", "192.0.2.3"),
+            401,
+            1,
+        )
+        .await;
     // Refused before any statement; the runtime's check of the token's device is the one.
-    expect(
-        "remove device 1",
-        counted(&app, &proxy, remove(1, PASSWORD, "192.0.2.3")).await,
-        403,
-        1,
-    );
-    expect(
-        "remove, over the limit",
-        counted(&app, &proxy, remove(2, PASSWORD, "192.0.2.1")).await,
-        429,
-        1,
-    );
-    expect(
-        "remove",
-        counted(&app, &proxy, remove(2, PASSWORD, "192.0.2.3")).await,
-        204,
-        2,
-    );
+    floor
+        .expect("remove device 1", remove(1, PASSWORD, "192.0.2.3"), 403, 1)
+        .await;
+    floor
+        .expect(
+            "remove, over the limit",
+            remove(2, PASSWORD, "192.0.2.1"),
+            429,
+            1,
+        )
+        .await;
+    floor
+        .expect("remove", remove(2, PASSWORD, "192.0.2.3"), 204, 2)
+        .await;
     // A refusal found by a statement: that statement checked the token's device already.
-    expect(
-        "remove, no such device",
-        counted(&app, &proxy, remove(9, PASSWORD, "192.0.2.3")).await,
-        404,
-        2,
-    );
-    expect(
-        "lookup, no such name",
-        counted(
-            &app,
-            &proxy,
+    floor
+        .expect(
+            "remove, no such device",
+            remove(9, PASSWORD, "192.0.2.3"),
+            404,
+            2,
+        )
+        .await;
+    floor
+        .expect(
+            "lookup, no such name",
             app.request("GET", "/users?name=nobody")
                 .bearer(&alice.token),
+            404,
+            1,
         )
-        .await,
-        404,
-        1,
-    );
+        .await;
 
     // A first signing key: the device's keys, then the set. A reset by password: the count and
     // the hash between them, the success written with the new key.
     let (first, second) = (prekeys::secret(1), prekeys::secret(2));
-    let set = |body: Value| prekeys::signing_key_request(&app, &alice, body);
-    expect(
-        "signing key, the first",
-        counted(&app, &proxy, set(prekeys::signing_key_body(&alice, &first))).await,
-        200,
-        2,
-    );
+    let set = |body: Value| prekeys::signing_key_request(app, &alice, body);
+    floor
+        .expect(
+            "signing key, the first",
+            set(prekeys::signing_key_body(&alice, &first)),
+            200,
+            2,
+        )
+        .await;
     let mut reset = prekeys::signing_key_body(&alice, &second);
     reset["password"] = json!("wrong-password");
-    expect(
-        "signing key, wrong password",
-        counted(&app, &proxy, set(reset.clone()).with_source_ip("192.0.2.4")).await,
-        401,
-        2,
-    );
+    floor
+        .expect(
+            "signing key, wrong password",
+            set(reset.clone()).with_source_ip("192.0.2.4"),
+            401,
+            2,
+        )
+        .await;
     reset["password"] = json!(PASSWORD);
-    expect(
-        "signing key, reset",
-        counted(&app, &proxy, set(reset).with_source_ip("192.0.2.4")).await,
-        200,
-        3,
-    );
+    floor
+        .expect(
+            "signing key, reset",
+            set(reset).with_source_ip("192.0.2.4"),
+            200,
+            3,
+        )
+        .await;
 
-    for (what, trips, statements, syncs, _) in &seen {
-        println!("{what:28} {trips} round trips, {statements} statements, {syncs} syncs");
-    }
-    for (what, trips, statements, syncs, floor) in seen {
-        assert_eq!((trips, statements, syncs), (floor, floor, floor), "{what}");
-    }
-    app.state.pool().close().await;
+    floor.assert_all().await;
 }
 
 /// On one connection: each kind of statement and each error inside the one exchange, with the
