@@ -5,7 +5,7 @@ use serde_json::json;
 use sqlx::PgPool;
 
 use crate::fan_out::add_device;
-use crate::support::{PASSWORD, TestApp};
+use crate::support::{CLIENT_IP, PASSWORD, TestApp};
 
 /// Routes that take no token (API.md marks the others `(auth)`).
 const OPEN: &[&str] = &["register", "login", "health", "metrics", "link-device"];
@@ -36,18 +36,32 @@ async fn every_route_is_401(app: &TestApp, token: &str, what: &str) {
     assert!(checked >= 19, "{what}: {checked} routes");
 }
 
-#[sqlx::test(migrator = "common::db::MIGRATOR")]
-async fn a_gone_callers_token_is_401_whatever_the_request(pool: PgPool) {
-    let app = TestApp::new(pool.clone());
-    let (alice, alice_token) = app.user("alice").await;
-    let (device, device_token) = add_device(&app, &alice, 7).await;
+/// A device of `owner` linked and then removed by `owner_token` with the password (from
+/// `address`): the token the device had.
+async fn removed_device(
+    app: &TestApp,
+    owner: &str,
+    owner_token: &str,
+    seed: u8,
+    address: &str,
+) -> String {
+    let (device, device_token) = add_device(app, owner, seed).await;
     let r = app
         .request("DELETE", &format!("/devices/{device}"))
-        .bearer(&alice_token)
+        .bearer(owner_token)
+        .with_source_ip(address)
         .json(json!({"password": PASSWORD}))
         .send()
         .await;
     assert_eq!(r.status, 204, "{}", r.text);
+    device_token
+}
+
+#[sqlx::test(migrator = "common::db::MIGRATOR")]
+async fn a_gone_callers_token_is_401_whatever_the_request(pool: PgPool) {
+    let app = TestApp::new(pool.clone());
+    let (alice, alice_token) = app.user("alice").await;
+    let device_token = removed_device(&app, &alice, &alice_token, 7, CLIENT_IP).await;
     every_route_is_401(&app, &device_token, "removed device").await;
 
     let r = app
@@ -90,8 +104,8 @@ async fn a_gone_callers_token_is_401_whatever_the_request(pool: PgPool) {
 }
 
 /// A removed device's token is 401 even where its account is over every limit: each counting
-/// statement checks the token's device before it counts (the runtime relies on it, and checks
-/// the device again only for refusals other than 429).
+/// statement checks the token's device before it counts (the runtime relies on it: it checks the
+/// device itself only for a refusal given before any statement ran).
 #[sqlx::test(migrator = "common::db::MIGRATOR")]
 async fn a_removed_devices_token_is_401_where_its_account_is_over_a_limit(pool: PgPool) {
     let app = TestApp::with_env(
@@ -105,7 +119,6 @@ async fn a_removed_devices_token_is_401_where_its_account_is_over_a_limit(pool: 
     );
     let (alice, alice_token) = app.user("alice").await;
     let (bob, _) = app.user("bob").await;
-    let (device, device_token) = add_device(&app, &alice, 9).await;
     let send = |token: &str| {
         app.request("POST", "/messages")
             .bearer(token)
@@ -146,14 +159,7 @@ async fn a_removed_devices_token_is_401_where_its_account_is_over_a_limit(pool: 
         );
         second.send().await.assert_error(429, "rate_limited");
     }
-    let r = app
-        .request("DELETE", &format!("/devices/{device}"))
-        .bearer(&alice_token)
-        .with_source_ip("192.0.2.50")
-        .json(json!({"password": PASSWORD}))
-        .send()
-        .await;
-    assert_eq!(r.status, 204, "{}", r.text);
+    let device_token = removed_device(&app, &alice, &alice_token, 9, "192.0.2.50").await;
 
     for (what, request) in [
         ("send", send(&device_token)),
@@ -176,14 +182,7 @@ async fn well_formed_requests_of_a_removed_device_are_401(pool: PgPool) {
     use base64::Engine as _;
     let app = TestApp::new(pool.clone());
     let (alice, alice_token) = app.user("alice").await;
-    let (device, device_token) = add_device(&app, &alice, 11).await;
-    let r = app
-        .request("DELETE", &format!("/devices/{device}"))
-        .bearer(&alice_token)
-        .json(json!({"password": PASSWORD}))
-        .send()
-        .await;
-    assert_eq!(r.status, 204, "{}", r.text);
+    let device_token = removed_device(&app, &alice, &alice_token, 11, CLIENT_IP).await;
 
     let nobody = "01a24110-0000-7000-8000-000000000000";
     let key = functions::signatures::ed25519_pem(
