@@ -3,27 +3,12 @@
 //! private key) opens no version 2 message the device had already read; with version 1 the same
 //! copy opens every recorded message.
 
+mod olm_devices;
+
 use messenger_client::envelope::{self, Plaintext};
 use messenger_client::keys::PrivateKey;
-use messenger_client::olm::{ClaimedPrekey, DeviceAddress, OlmError, OlmState, verify_prekey};
-use uuid::Uuid;
-
-struct Device {
-    address: DeviceAddress,
-    key: PrivateKey,
-    state: OlmState,
-}
-
-fn device(device_id: u32) -> Device {
-    let address = DeviceAddress::new(Uuid::now_v7(), device_id);
-    let key = PrivateKey::generate();
-    let state = OlmState::new(address, &key, None).unwrap();
-    Device {
-        address,
-        key,
-        state,
-    }
-}
+use messenger_client::olm::{OlmError, OlmState};
+use olm_devices::{Device, claim, device};
 
 /// Everything a stolen device gives away: its files, as text.
 struct Loot {
@@ -49,17 +34,7 @@ fn version_2_messages_once_read_do_not_open_from_a_copy_of_the_recipient() {
     let (mut alice, mut bob) = (device(1), device(2));
     let upload = bob.state.prekey_upload(5, true).unwrap();
     bob.state.mark_prekeys_published();
-    let prekey = verify_prekey(
-        &ClaimedPrekey {
-            key_id: upload.prekeys[0].key_id,
-            public_key: upload.prekeys[0].public_key.clone(),
-            signature: upload.prekeys[0].signature.clone(),
-            last_resort: false,
-        },
-        bob.address,
-        &bob.state.signing_key(),
-    )
-    .unwrap();
+    let prekey = claim(&upload.prekeys[0], false, &bob);
     alice
         .state
         .start_session(&bob.key.public_key(), &prekey)

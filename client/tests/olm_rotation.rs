@@ -3,47 +3,16 @@
 //! long as messages live on the server (`MESSAGE_TTL`), and the session it starts is an ordinary
 //! one. After that the retired account is gone.
 
+mod olm_devices;
+
 use chrono::{TimeDelta, Utc};
 use messenger_client::envelope::Plaintext;
 use messenger_client::keys::{PrivateKey, PublicKey};
 use messenger_client::olm::{
-    ClaimedPrekey, DeviceAddress, MESSAGE_TYPE_NORMAL, MESSAGE_TYPE_PRE_KEY, MessageKind, OlmError,
-    OlmState, SignedPrekey, VerifiedPrekey, verify_prekey,
+    DeviceAddress, MESSAGE_TYPE_NORMAL, MESSAGE_TYPE_PRE_KEY, MessageKind, OlmError, OlmState,
 };
 use messenger_client::store::MESSAGE_TTL;
-use uuid::Uuid;
-
-struct Device {
-    address: DeviceAddress,
-    key: PrivateKey,
-    state: OlmState,
-}
-
-fn device(device_id: u32) -> Device {
-    let address = DeviceAddress::new(Uuid::now_v7(), device_id);
-    let key = PrivateKey::generate();
-    let state = OlmState::new(address, &key, None).unwrap();
-    Device {
-        address,
-        key,
-        state,
-    }
-}
-
-/// A prekey as `POST /keys/claim` hands it out, verified under the owner's signing key as pinned.
-fn claim(prekey: &SignedPrekey, last_resort: bool, owner: &Device) -> VerifiedPrekey {
-    verify_prekey(
-        &ClaimedPrekey {
-            key_id: prekey.key_id,
-            public_key: prekey.public_key.clone(),
-            signature: prekey.signature.clone(),
-            last_resort,
-        },
-        owner.address,
-        &owner.state.signing_key(),
-    )
-    .unwrap()
-}
+use olm_devices::{Device, claim, device};
 
 fn send(from: &mut Device, to: DeviceAddress, to_identity: &PublicKey, text: &str) -> Vec<u8> {
     from.state
