@@ -276,36 +276,30 @@ wait "${senders[@]}"
 expect "all 200 messages through the cursor (got $(wc -l < "$work/received"))" [ "$(wc -l < "$work/received")" = 200 ]
 expect "none twice" [ "$(sort "$work/received" | uniq | wc -l)" = 200 ]
 
+# part NAME FAIL_LINES COMMAND...: scripts/NAME.sh's run, as one check; its output is kept, and
+# shown: its last line on a pass, its last FAIL_LINES lines on a failure.
+part() {
+    local name=$1 lines=$2
+    shift 2
+    if "$@" >"$work/$name.log" 2>&1; then
+        passed=$((passed + 1))
+        tail -n 1 "$work/$name.log"
+    else
+        failed=$((failed + 1))
+        echo "FAIL: scripts/$name.sh"
+        tail -n "$lines" "$work/$name.log"
+    fi
+}
+
 cargo build -p client --quiet
+messenger="$PWD/target/debug/messenger"
 # The README's walk and its client section, as written.
-if MESSENGER="$PWD/target/debug/messenger" bash scripts/readme-run.sh "$base" > "$work/readme-run.log" 2>&1; then
-    passed=$((passed + 1))
-    tail -n 1 "$work/readme-run.log"
-else
-    failed=$((failed + 1))
-    echo "FAIL: scripts/readme-run.sh"
-    tail -30 "$work/readme-run.log"
-fi
-
+part readme-run 30 env MESSENGER="$messenger" bash scripts/readme-run.sh "$base"
 # The messenger client's own end-to-end run, on this API and database, with this log.
-if MESSENGER="$PWD/target/debug/messenger" LOG_FILE="$log" bash scripts/client-e2e.sh "$base" > "$work/client-e2e.log" 2>&1; then
-    passed=$((passed + 1))
-else
-    failed=$((failed + 1))
-    echo "FAIL: scripts/client-e2e.sh"
-    tail -30 "$work/client-e2e.log"
-fi
-
+part client-e2e 30 env MESSENGER="$messenger" LOG_FILE="$log" bash scripts/client-e2e.sh "$base"
 # CORS in headless Chromium: a page on $browser_origin walks the API, one on another origin is
 # refused. Chromium comes from Debian's packages; without it the script says so and passes.
-if ALLOWED_ORIGIN="$browser_origin" bash scripts/browser-cors.sh "$base" > "$work/browser-cors.log" 2>&1; then
-    passed=$((passed + 1))
-    tail -n 1 "$work/browser-cors.log"
-else
-    failed=$((failed + 1))
-    echo "FAIL: scripts/browser-cors.sh"
-    tail -40 "$work/browser-cors.log"
-fi
+part browser-cors 40 env ALLOWED_ORIGIN="$browser_origin" bash scripts/browser-cors.sh "$base"
 
 # The purge binary, invoked with the EventBridge schedule event the aws_lambda_events crate ships.
 fixture=$(ls ~/.cargo/registry/src/*/aws_lambda_events-*/src/fixtures/example-eventbridge-schedule.json | head -n 1)
